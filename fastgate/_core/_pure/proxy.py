@@ -1,0 +1,1038 @@
+"""The data plane's per-request path: HTTP/1.1 client and upstream protocols on uvloop.
+
+This file is both the pure-Python reference and the source of the compiled module: setup.py
+compiles it (through the symlink fastgate/_core/proxy.py) as `fastgate._core.proxy` with the
+declarations of fastgate/_core/proxy.pxd (Cython's "augmenting .pxd"), so the twins cannot
+drift apart. Nothing here may need Cython at run time.
+
+Design, as measured in shared/perf-notes.md ("Measured prototypes"): httptools (llhttp) parses
+both sides; routing and the upstream request head are done inside the parser callbacks; no
+Task and no aiohttp object per request; the response is written to the client once per
+upstream read, so an SSE event leaves when it arrives. Interpreted, that design proxied at
+0.65x nginx; as cdef classes at 0.76x (15 us of CPU per request).
+"""
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+
+import httptools
+from httptools import HttpParserError, HttpParserUpgrade
+
+from fastgate import __version__
+
+SERVER_TOKEN = b"fastgate/" + __version__.encode()
+log = logging.getLogger("fastgate.proxy")
+
+# A request head above 32 KiB or 100 header lines is refused with 431: nginx (and so Kong)
+# holds a head in 4 x 8 KiB buffers, so Kong users never sent more.
+MAX_HEAD_BYTES = 32768
+MAX_HEADER_LINES = 100
+# Requests parsed ahead of the one being answered (HTTP pipelining): past 16, the client's
+# reads pause until the queue drains (aiohttp bounds it at 32 for the same reason).
+MAX_PIPELINED = 16
+# Request body bytes held while no upstream connection can take them yet (connecting, or a
+# pipelined request waiting its turn): past 64 KiB the client's reads pause.
+MAX_HELD_BODY = 65536
+# Idle keep-alive connections kept per upstream, and for how long.
+MAX_IDLE_PER_UPSTREAM = 256
+UPSTREAM_IDLE_SECONDS = 60.0
+# Client side: an idle keep-alive connection lives 75 s (nginx's keepalive_timeout); a client
+# that stalls while sending a request or reading a response gets 60 s (client_header_timeout,
+# client_body_timeout, send_timeout).
+CLIENT_KEEPALIVE_SECONDS = 75.0
+CLIENT_STALL_SECONDS = 60.0
+# Timeouts are checked by one ticker per worker instead of a timer per request.
+TICK_SECONDS = 0.05
+CLIENT_CHECK_EVERY_TICKS = 20
+NEVER = float("inf")
+
+# Request headers the client may not forward: hop-by-hop ones (RFC 9110 7.6.1 plus the
+# httpoxy `Proxy`), and the ones the gateway sets itself (Kong's list, under our names).
+_REQUEST_DROPPED = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"proxy", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"host", b"x-forwarded-for", b"x-forwarded-proto",
+        b"x-forwarded-host", b"x-forwarded-port", b"x-forwarded-path", b"x-forwarded-prefix",
+        b"x-real-ip", b"x-fastgate-request-id", b"via",
+    }
+)
+_RESPONSE_DROPPED = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"trailer", b"upgrade", b"via"}
+)
+# A stale pooled connection is retried once for these (RFC 9110 9.2.2).
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_REASONS = {
+    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
+    414: b"URI Too Long", 426: b"Upgrade Required", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 301: b"Moved Permanently",
+    302: b"Found", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
+}
+MSG_NO_ROUTE = "no Route matched with those values"
+MSG_BAD_GATEWAY = "An invalid response was received from the upstream server"
+MSG_TIMEOUT = "The upstream server is timing out"
+MSG_BAD_REQUEST = "Bad request"
+MSG_HEAD_TOO_LARGE = "Request header or cookie too large"
+MSG_URI_TOO_LONG = "Request-URI too long"
+MSG_UNEXPECTED = "An unexpected error occurred"
+
+
+class ClientRejected(Exception):
+    """Raised inside a parser callback to stop parsing a request the gateway refuses."""
+
+
+def error_body(message, request_id):
+    # Kong's kong.response.error() template, byte for byte (behavior.md 0.1).
+    return b'{\n  "message":"%s",\n  "request_id":"%s"\n}' % (message.encode(), request_id)
+
+
+def _set_nodelay(transport):
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the peer may already be gone; the next write reports it
+
+
+class Stats:
+    """Counters behind GET /status (Kong's names)."""
+
+    def __init__(self):
+        self.connections_accepted = 0
+        self.total_requests = 0
+
+
+class Gateway:
+    """One worker's data plane: the live snapshot, the upstream pools, the timeout ticker."""
+
+    def __init__(self, loop, snapshot):
+        self.loop = loop
+        self.snapshot = snapshot
+        self.pools = {}
+        self.clients = set()
+        self.upstreams = set()
+        self.connecting = set()
+        self.stats = Stats()
+        self.draining = False
+        self.tick_count = 0
+        self.ticker = None
+        self.ssl_context = None
+        # Request ids: 64 random bits per worker + a 64-bit counter = 32 lowercase hex, unique
+        # without a urandom call per request.
+        self.request_id_prefix = os.urandom(8).hex().encode()
+        self.request_counter = 0
+
+    def start(self):
+        self.ticker = self.loop.call_later(TICK_SECONDS, self.tick)
+
+    def stop(self):
+        if self.ticker is not None:
+            self.ticker.cancel()
+            self.ticker = None
+
+    def set_snapshot(self, snapshot):
+        self.snapshot = snapshot
+
+    def upstream_ssl_context(self):
+        # Upstream certificates are verified against the system's CAs (secure by default;
+        # Kong's tls_verify knobs are not supported yet).
+        if self.ssl_context is None:
+            import ssl
+
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
+
+    def protocol_factory(self, listen_port, scheme):
+        def factory():
+            return ClientConnection(self, listen_port, scheme)
+
+        return factory
+
+    def next_request_id(self):
+        self.request_counter += 1
+        return self.request_id_prefix + b"%016x" % self.request_counter
+
+    def pool_for(self, service):
+        key = (service.protocol, service.host, service.port)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = UpstreamPool(self, service.host, service.port, service.protocol == "https")
+            self.pools[key] = pool
+        return pool
+
+    def tick(self):
+        now = self.loop.time()
+        for upstream in list(self.upstreams):
+            if upstream.deadline <= now:
+                upstream.expire(now)
+        for attempt in list(self.connecting):
+            if attempt.deadline <= now:
+                attempt.expire()
+        self.tick_count += 1
+        if self.tick_count % CLIENT_CHECK_EVERY_TICKS == 0:
+            for client in list(self.clients):
+                if client.deadline <= now:
+                    client.expire()
+        self.ticker = self.loop.call_later(TICK_SECONDS, self.tick)
+
+    def begin_drain(self):
+        """Finish what is in flight, take nothing new: idle clients are closed now, busy
+        ones after their current response (answered with Connection: close)."""
+        self.draining = True
+        for client in list(self.clients):
+            if client.current is None and client.parsing is None:
+                client.close()
+
+    def status(self):
+        reading = writing = waiting = 0
+        for client in self.clients:
+            if client.current is not None:
+                writing += 1
+            elif client.parsing is not None:
+                reading += 1
+            else:
+                waiting += 1
+        return {
+            "connections_accepted": self.stats.connections_accepted,
+            "connections_handled": self.stats.connections_accepted,
+            "connections_active": len(self.clients),
+            "connections_reading": reading,
+            "connections_writing": writing,
+            "connections_waiting": waiting,
+            "total_requests": self.stats.total_requests,
+        }
+
+
+class Exchange:
+    """One request and its response, from the client's first byte to the response's last."""
+
+    def __init__(self, snapshot, started):
+        self.snapshot = snapshot
+        self.started = started
+        self.url = b""
+        self.method = b""
+        self.http_version = "1.1"
+        self.host = b""
+        self.has_host = False
+        self.forwarded_for = b""
+        self.via = b""
+        self.connection_tokens = b""
+        self.header_parts = []
+        self.route_headers = None
+        self.head_size = 0
+        self.header_lines = 0
+        self.keep_alive = True
+        self.chunked = False
+        self.has_body = False
+        self.body_complete = False
+        self.body_sent = False
+        self.held_body = []
+        self.held_body_size = 0
+        self.request_id = b""
+        self.match = None
+        self.upstream_head = b""
+        self.head_written_at = 0.0
+        self.retried_stale = False
+        self.attempts_left = 0
+        self.response_started = False
+        self.upstream = None
+
+
+class ClientConnection:
+    """The protocol of one client connection (uvloop calls it; httptools calls it back)."""
+
+    def __init__(self, gateway, listen_port, scheme):
+        self.gateway = gateway
+        self.loop = gateway.loop
+        self.listen_port = listen_port
+        self.listen_port_bytes = b"%d" % listen_port
+        self.scheme = scheme
+        self.transport = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = b""
+        self.parsing = None
+        self.current = None
+        self.pending = None
+        self.closed = False
+        self.write_paused = False
+        self.read_pauses = 0
+        self.reject_status = 0
+        self.broken = False
+        self.deadline = NEVER
+
+    # -- uvloop callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        _set_nodelay(transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0].encode() if peer else b""
+        gateway = self.gateway
+        gateway.clients.add(self)
+        gateway.stats.connections_accepted += 1
+        self.deadline = self.loop.time() + CLIENT_KEEPALIVE_SECONDS
+
+    def data_received(self, data):
+        if self.closed:
+            return
+        self.deadline = self.loop.time() + CLIENT_STALL_SECONDS
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            # The Upgrade header is hop-by-hop and is not forwarded, so the request was proxied
+            # as a plain one; parse what follows it with a fresh parser.
+            self.parser = httptools.HttpRequestParser(self)
+            rest = data[upgrade.args[0]:]
+            if rest:
+                self.data_received(rest)
+        except HttpParserError as error:
+            cause = error.__context__
+            if cause is not None and not isinstance(cause, ClientRejected):
+                log.error("unexpected error while handling a request", exc_info=cause)
+                self.reject_status = 500
+            self.reject_request()
+
+    def eof_received(self):
+        return False  # a half-closed client gets its transport closed (no half-open proxying)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.gateway.clients.discard(self)
+        current = self.current
+        if current is not None:
+            self.current = None
+            if current.upstream is not None:
+                current.upstream.abort()
+        self.pending = None
+        self.parsing = None
+
+    def pause_writing(self):
+        self.write_paused = True
+        self.deadline = self.loop.time() + CLIENT_STALL_SECONDS
+        current = self.current
+        if current is not None and current.upstream is not None:
+            current.upstream.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        current = self.current
+        if current is not None and current.upstream is not None:
+            current.upstream.resume_reading()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self):
+        gateway = self.gateway
+        gateway.stats.total_requests += 1
+        self.parsing = Exchange(gateway.snapshot, self.loop.time())
+
+    def on_url(self, url):
+        exchange = self.parsing
+        exchange.url += url
+        exchange.head_size += len(url)
+        if exchange.head_size > MAX_HEAD_BYTES:
+            self.reject_status = 414
+            raise ClientRejected
+
+    def on_header(self, name, value):
+        exchange = self.parsing
+        exchange.head_size += len(name) + len(value) + 4
+        exchange.header_lines += 1
+        if exchange.head_size > MAX_HEAD_BYTES or exchange.header_lines > MAX_HEADER_LINES:
+            self.reject_status = 431
+            raise ClientRejected
+        lower = name.lower()
+        if lower in _REQUEST_DROPPED:
+            if lower == b"host":
+                exchange.host = value
+                exchange.has_host = True
+            elif lower == b"x-forwarded-for":
+                exchange.forwarded_for = value if not exchange.forwarded_for else exchange.forwarded_for + b", " + value
+            elif lower == b"via":
+                exchange.via = value if not exchange.via else exchange.via + b", " + value
+            elif lower == b"connection":
+                exchange.connection_tokens = value.lower()
+            elif lower == b"transfer-encoding":
+                exchange.chunked = True
+            return
+        parts = exchange.header_parts
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+        route_header_names = exchange.snapshot.router.header_names
+        if route_header_names and lower in route_header_names:
+            if exchange.route_headers is None:
+                exchange.route_headers = {}
+            exchange.route_headers.setdefault(lower, []).append(value)
+
+    def on_headers_complete(self):
+        if self.closed:
+            return
+        exchange = self.parsing
+        parser = self.parser
+        exchange.method = parser.get_method()
+        exchange.http_version = parser.get_http_version()
+        exchange.keep_alive = parser.should_keep_alive() and not self.gateway.draining
+        exchange.request_id = self.gateway.next_request_id()
+        if exchange.connection_tokens:
+            self._drop_connection_listed(exchange)
+        if self.current is None:
+            self.current = exchange
+            self.dispatch(exchange)
+        else:
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(exchange)
+            if len(self.pending) >= MAX_PIPELINED:
+                self.pause_reading()
+
+    def on_body(self, body):
+        exchange = self.parsing
+        exchange.has_body = True
+        upstream = exchange.upstream
+        if upstream is not None:
+            upstream.send_body(body, exchange.chunked)
+            return
+        if exchange.response_started:
+            return  # answered already (an error): the rest of the body is discarded
+        exchange.held_body.append(b"%x\r\n%s\r\n" % (len(body), body) if exchange.chunked else body)
+        was_below = exchange.held_body_size <= MAX_HELD_BODY
+        exchange.held_body_size += len(body)
+        if was_below and exchange.held_body_size > MAX_HELD_BODY:
+            self.pause_reading()
+
+    def on_message_complete(self):
+        exchange = self.parsing
+        self.parsing = None
+        exchange.body_complete = True
+        if exchange.chunked:
+            if exchange.upstream is not None:
+                exchange.upstream.send_body_end()
+            elif not exchange.response_started:
+                exchange.held_body.append(b"0\r\n\r\n")
+        elif exchange.upstream is not None:
+            exchange.upstream.request_sent()
+
+    # -- the exchange -------------------------------------------------------------------------
+
+    def dispatch(self, exchange):
+        """Route the request and hand it to an upstream connection (or answer it)."""
+        if not exchange.has_host and exchange.http_version == "1.1":
+            self.respond_error(exchange, 400, MSG_BAD_REQUEST)
+            return
+        match = exchange.snapshot.router.match(
+            exchange.method, exchange.host, exchange.url, exchange.route_headers,
+            self.listen_port, self.scheme,
+        )
+        if match is None:
+            self.respond_error(exchange, 404, MSG_NO_ROUTE)
+            return
+        exchange.match = match
+        if match.error_status:
+            self.respond_error(exchange, match.error_status, match.error_message, match.error_headers)
+            return
+        exchange.upstream_head = self.upstream_head(exchange, match)
+        service = match.service
+        exchange.attempts_left = service.retries + 1
+        pool = self.gateway.pool_for(service)
+        upstream = pool.acquire()
+        if upstream is not None:
+            upstream.attach(self, exchange)
+        else:
+            pool.connect(self, exchange)
+
+    def upstream_head(self, exchange, match):
+        host = exchange.host
+        port_at = host.rfind(b":")
+        forwarded_host = host[:port_at] if port_at > 0 and host.find(b"]", port_at) < 0 else host
+        url = exchange.url
+        query_at = url.find(b"?")
+        raw_path = url if query_at < 0 else url[:query_at]
+        via = b"%s %s" % (exchange.http_version.encode(), SERVER_TOKEN)
+        parts = [
+            exchange.method, b" ", match.upstream_path, b" HTTP/1.1\r\nHost: ", match.upstream_host, b"\r\n",
+        ]
+        parts.extend(exchange.header_parts)
+        parts.append(b"X-Forwarded-For: ")
+        if exchange.forwarded_for:
+            parts.append(exchange.forwarded_for)
+            parts.append(b", ")
+        parts.append(self.peer)
+        parts.append(b"\r\nX-Forwarded-Proto: ")
+        parts.append(self.scheme)
+        parts.append(b"\r\nX-Forwarded-Host: ")
+        parts.append(forwarded_host)
+        parts.append(b"\r\nX-Forwarded-Port: ")
+        parts.append(self.listen_port_bytes)
+        parts.append(b"\r\nX-Forwarded-Path: ")
+        parts.append(raw_path)
+        prefix = match.stripped_prefix
+        if prefix and prefix != b"/":
+            parts.append(b"\r\nX-Forwarded-Prefix: ")
+            parts.append(prefix)
+        parts.append(b"\r\nX-Real-IP: ")
+        parts.append(self.peer)
+        parts.append(b"\r\nX-Fastgate-Request-Id: ")
+        parts.append(exchange.request_id)
+        parts.append(b"\r\nVia: ")
+        if exchange.via:
+            parts.append(exchange.via)
+            parts.append(b", ")
+        parts.append(via)
+        if exchange.chunked:
+            parts.append(b"\r\nTransfer-Encoding: chunked")
+        parts.append(b"\r\nConnection: keep-alive\r\n\r\n")
+        return b"".join(parts)
+
+    def _drop_connection_listed(self, exchange):
+        """Remove the headers the client's Connection header names (hop-by-hop by declaration)."""
+        listed = {token.strip() for token in exchange.connection_tokens.split(b",")}
+        listed.difference_update((b"keep-alive", b"close", b"upgrade", b""))
+        if not listed:
+            return
+        parts = exchange.header_parts
+        kept = []
+        for index in range(0, len(parts), 4):
+            if parts[index].lower() not in listed:
+                kept.extend(parts[index:index + 4])
+        exchange.header_parts = kept
+
+    def respond_error(self, exchange, status, message, extra_headers=()):
+        """Answer from the gateway: Kong's JSON error body with the request id."""
+        body = error_body(message, exchange.request_id)
+        latency = int((self.loop.time() - exchange.started) * 1000)
+        # A body the client is still sending is not read to its end: the connection closes.
+        keep_alive = exchange.keep_alive and exchange.body_complete and not self.gateway.draining
+        exchange.keep_alive = keep_alive
+        parts = [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
+            b"Server: %s\r\nX-Fastgate-Request-Id: %s\r\nX-Fastgate-Response-Latency: %d\r\n"
+            % (SERVER_TOKEN, exchange.request_id, latency),
+        ]
+        for name, value in extra_headers:
+            parts.append(b"%s: %s\r\n" % (name, value))
+        parts.append(b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+        if exchange.method != b"HEAD":
+            parts.append(body)
+        exchange.response_started = True
+        self.transport.write(b"".join(parts))
+        self.finish(exchange)
+
+    def reject_request(self):
+        """The client sent something unparseable or too large: 4xx, then close."""
+        exchange = self.parsing
+        self.parsing = None
+        if self.current is not None and exchange is not self.current:
+            # Garbage behind a request still being answered: that answer goes out in order,
+            # then the connection closes.
+            self.pending = None
+            self.broken = True
+            self.pause_reading()
+            return
+        if exchange is None:
+            exchange = Exchange(self.gateway.snapshot, self.loop.time())
+        if exchange.upstream is not None:
+            exchange.upstream.abort()  # e.g. bad chunked framing after the head went upstream
+            exchange.upstream = None
+        if exchange.response_started:
+            self.close()
+            return
+        if not exchange.request_id:
+            exchange.request_id = self.gateway.next_request_id()
+        exchange.keep_alive = False
+        self.current = exchange
+        status = self.reject_status or 400
+        if status == 431:
+            message = MSG_HEAD_TOO_LARGE
+        elif status == 414:
+            message = MSG_URI_TOO_LONG
+        elif status == 500:
+            message = MSG_UNEXPECTED
+        else:
+            message = MSG_BAD_REQUEST
+        self.respond_error(exchange, status, message)
+
+    def finish(self, exchange):
+        """The response to `exchange` has been written in full."""
+        if self.current is not exchange:
+            return
+        self.current = None
+        if self.closed:
+            return
+        if not exchange.keep_alive or not exchange.body_complete:
+            self.close()
+            return
+        if self.broken:
+            self.close()
+            return
+        pending = self.pending
+        if pending:
+            if len(pending) == MAX_PIPELINED:
+                self.resume_reading()
+            following = pending.pop(0)
+            self.current = following
+            self.dispatch(following)
+        else:
+            self.deadline = self.loop.time() + CLIENT_KEEPALIVE_SECONDS
+            if self.gateway.draining and self.parsing is None:
+                self.close()
+
+    def upstream_failed(self, exchange, status, message):
+        """The upstream could not give a response: answer with `status` if nothing went out."""
+        if self.current is not exchange or self.closed:
+            return
+        exchange.upstream = None
+        if exchange.response_started:
+            self.transport.abort()  # a truncated response must not look complete
+            return
+        self.respond_error(exchange, status, message)
+
+    def pause_reading(self):
+        self.read_pauses += 1
+        if self.read_pauses == 1 and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self.read_pauses > 0:
+            self.read_pauses -= 1
+            if self.read_pauses == 0 and not self.closed:
+                self.transport.resume_reading()
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+            current = self.current
+            if current is not None and current.upstream is not None:
+                current.upstream.abort()
+
+    def expire(self):
+        self.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream (protocol, host, port); no cap on how many are
+    busy at once (an LLM stream holds one for minutes), a cap on how many wait idle."""
+
+    def __init__(self, gateway, host, port, tls):
+        self.gateway = gateway
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.idle = []
+
+    def acquire(self):
+        idle = self.idle
+        while idle:
+            upstream = idle.pop()
+            if not upstream.closed:
+                return upstream
+        return None
+
+    def release(self, upstream):
+        if len(self.idle) < MAX_IDLE_PER_UPSTREAM and not self.gateway.draining:
+            upstream.deadline = self.gateway.loop.time() + UPSTREAM_IDLE_SECONDS
+            self.idle.append(upstream)
+        else:
+            upstream.close()
+
+    def forget(self, upstream):
+        try:
+            self.idle.remove(upstream)
+        except ValueError:
+            pass  # it was busy, not idle
+
+    def connect(self, client, exchange):
+        ConnectAttempt(self, client, exchange).start()
+
+
+class ConnectAttempt:
+    """Opening one upstream connection for a waiting exchange, with the service's
+    connect_timeout and up to `retries` more tries (nothing was sent yet, so a retry is safe)."""
+
+    def __init__(self, pool, client, exchange):
+        self.pool = pool
+        self.client = client
+        self.exchange = exchange
+        self.future = None
+        self.deadline = NEVER
+        self.timed_out = False
+
+    def start(self):
+        pool = self.pool
+        gateway = pool.gateway
+        exchange = self.exchange
+        exchange.attempts_left -= 1
+        service = exchange.match.service
+        self.timed_out = False
+        self.deadline = gateway.loop.time() + service.connect_timeout / 1000.0
+        ssl_context = pool.gateway.upstream_ssl_context() if pool.tls else None
+        coroutine = gateway.loop.create_connection(
+            functools.partial(UpstreamConnection, pool), pool.host, pool.port, ssl=ssl_context,
+            server_hostname=pool.host if pool.tls else None,
+        )
+        # One Task per new connection (not per request): pooled connections are reused.
+        self.future = asyncio.ensure_future(coroutine, loop=gateway.loop)
+        gateway.connecting.add(self)
+        self.future.add_done_callback(self.done)
+
+    def expire(self):
+        self.timed_out = True
+        self.future.cancel()
+
+    def done(self, future):
+        gateway = self.pool.gateway
+        gateway.connecting.discard(self)
+        client = self.client
+        exchange = self.exchange
+        if future.cancelled():
+            error = asyncio.TimeoutError()
+        else:
+            error = future.exception()
+        if error is None:
+            upstream = future.result()[1]
+            if client.closed or client.current is not exchange:
+                self.pool.release(upstream)  # the client left; the connection is still good
+            else:
+                upstream.attach(client, exchange)
+            return
+        if client.closed or client.current is not exchange:
+            return
+        if exchange.attempts_left > 0:
+            self.start()
+            return
+        if self.timed_out:
+            client.upstream_failed(exchange, 504, MSG_TIMEOUT)
+        else:
+            client.upstream_failed(exchange, 502, MSG_BAD_GATEWAY)
+
+
+class UpstreamConnection:
+    """The protocol of one keep-alive connection to an upstream."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.gateway = pool.gateway
+        self.loop = pool.gateway.loop
+        self.transport = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client = None
+        self.exchange = None
+        self.closed = False
+        self.reused = False
+        self.deadline = NEVER
+        self.read_timeout = 60.0
+        self.write_timeout = 60.0
+        self.reading_paused = False
+        self.write_paused = False
+        self._reset_response()
+
+    def _reset_response(self):
+        self.reason = b""
+        self.header_parts = []
+        self.has_server = False
+        self.has_length = False
+        self.upstream_chunked = False
+        self.via = b""
+        self.head_done = False
+        self.chunk_out = False
+        self.until_eof = False
+        self.complete = False
+        self.keep_alive = False
+        self.out = None
+
+    # -- uvloop callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        _set_nodelay(transport)
+        self.gateway.upstreams.add(self)
+
+    def data_received(self, data):
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # bytes nobody asked for: the connection is not reusable
+            return
+        self.deadline = self.loop.time() + self.read_timeout
+        out = self.out = []
+        try:
+            self.parser.feed_data(data)
+        except HttpParserError as error:
+            cause = error.__context__
+            if cause is not None:
+                log.error("unexpected error while handling a response", exc_info=cause)
+            self.fail()
+            return
+        if out:
+            client = self.client
+            if client is not None and not client.closed:
+                client.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self.out = None
+        if self.complete:
+            self.finish()
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.gateway.upstreams.discard(self)
+        exchange = self.exchange
+        if exchange is None:
+            self.pool.forget(self)
+            return
+        client = self.client
+        if self.until_eof and self.head_done:
+            # A close-delimited body ends at EOF: that is its normal end.
+            if self.chunk_out and client is not None and not client.closed:
+                client.transport.write(b"0\r\n\r\n")
+            self.keep_alive = False
+            self.finish()
+            return
+        self.exchange = None
+        self.client = None
+        if client is None:
+            return
+        if not self.head_done and not exchange.response_started:
+            if (
+                self.reused and not exchange.retried_stale and not exchange.has_body
+                and exchange.method in _IDEMPOTENT
+            ):
+                # The upstream closed a pooled connection just as it was reused; once more on
+                # a fresh one (nginx and Kong do the same for idempotent requests).
+                exchange.retried_stale = True
+                exchange.upstream = None
+                exchange.attempts_left = 1
+                self.pool.connect(client, exchange)
+                return
+            client.upstream_failed(exchange, 502, MSG_BAD_GATEWAY)
+            return
+        client.upstream_failed(exchange, 502, MSG_BAD_GATEWAY)
+
+    def pause_writing(self):
+        # The upstream reads the request body slower than the client sends it.
+        self.write_paused = True
+        self.deadline = self.loop.time() + self.write_timeout
+        client = self.client
+        if client is not None:
+            client.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        self._arm_read_deadline()
+        client = self.client
+        if client is not None:
+            client.resume_reading()
+
+    # -- the exchange -------------------------------------------------------------------------
+
+    def attach(self, client, exchange):
+        service = exchange.match.service
+        self.client = client
+        self.exchange = exchange
+        exchange.upstream = self
+        self.read_timeout = service.read_timeout / 1000.0
+        self.write_timeout = service.write_timeout / 1000.0
+        exchange.head_written_at = self.loop.time()
+        held = exchange.held_body
+        if held:
+            exchange.body_sent = True
+            self.transport.write(exchange.upstream_head + b"".join(held))
+            exchange.held_body = []
+            if exchange.held_body_size > MAX_HELD_BODY:
+                client.resume_reading()
+            exchange.held_body_size = 0
+        else:
+            self.transport.write(exchange.upstream_head)
+        self._arm_read_deadline()
+        if client.write_paused:
+            self.pause_reading()
+
+    def _arm_read_deadline(self):
+        exchange = self.exchange
+        if exchange is None:
+            return
+        if exchange.body_complete and not self.reading_paused:
+            self.deadline = self.loop.time() + self.read_timeout
+        else:
+            # The client is still sending (its pace, not the upstream's) or not reading.
+            self.deadline = NEVER
+
+    def send_body(self, body, chunked):
+        self.exchange.body_sent = True
+        if chunked:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.transport.write(body)
+
+    def send_body_end(self):
+        self.transport.write(b"0\r\n\r\n")
+        self.request_sent()
+
+    def request_sent(self):
+        if not self.write_paused:
+            self._arm_read_deadline()
+
+    def pause_reading(self):
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+            self.deadline = NEVER
+
+    def resume_reading(self):
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self._arm_read_deadline()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_status(self, reason):
+        self.reason += reason
+
+    def on_header(self, name, value):
+        lower = name.lower()
+        if lower in _RESPONSE_DROPPED:
+            if lower == b"via":
+                self.via = value if not self.via else self.via + b", " + value
+            elif lower == b"transfer-encoding":
+                self.upstream_chunked = True
+            return
+        if lower == b"server":
+            self.has_server = True
+        elif lower == b"content-length":
+            self.has_length = True
+        parts = self.header_parts
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+
+    def on_headers_complete(self):
+        parser = self.parser
+        status = parser.get_status_code()
+        exchange = self.exchange
+        if status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): pass it on, wait for the final one.
+            out = self.out
+            out.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, self.reason, b"".join(self.header_parts)))
+            self._reset_response()
+            self.out = out
+            return
+        self.head_done = True
+        exchange.response_started = True
+        self.keep_alive = parser.should_keep_alive()
+        now = self.loop.time()
+        bodiless = exchange.method == b"HEAD" or status == 204 or status == 304
+        client_keep_alive = exchange.keep_alive and not self.gateway.draining
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
+        parts.extend(self.header_parts)
+        if not bodiless and not self.has_length:
+            if not self.upstream_chunked:
+                self.until_eof = True
+            if exchange.http_version == "1.1":
+                self.chunk_out = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                client_keep_alive = False  # an HTTP/1.0 client reads this body until close
+        exchange.keep_alive = client_keep_alive
+        parts.append(b"Via: ")
+        if self.via:
+            parts.append(self.via)
+            parts.append(b", ")
+        parts.append(b"1.1 %s\r\n" % SERVER_TOKEN)
+        if not self.has_server:
+            parts.append(b"Server: %s\r\n" % SERVER_TOKEN)
+        parts.append(
+            b"X-Fastgate-Request-Id: %s\r\nX-Fastgate-Upstream-Latency: %d\r\nX-Fastgate-Proxy-Latency: %d\r\n"
+            % (
+                exchange.request_id,
+                int((now - exchange.head_written_at) * 1000),
+                int((exchange.head_written_at - exchange.started) * 1000),
+            )
+        )
+        parts.append(b"Connection: keep-alive\r\n\r\n" if client_keep_alive else b"Connection: close\r\n\r\n")
+        self.out.append(b"".join(parts))
+        if exchange.method == b"HEAD":
+            # llhttp cannot be told a response has no body: finish here and start the next
+            # response on a fresh parser.
+            self.complete = True
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body):
+        if self.chunk_out:
+            self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.out.append(body)
+
+    def on_message_complete(self):
+        if not self.head_done:
+            return  # the end of an interim (1xx) response
+        if self.chunk_out:
+            self.out.append(b"0\r\n\r\n")
+        self.complete = True
+
+    def finish(self):
+        exchange = self.exchange
+        client = self.client
+        self.exchange = None
+        self.client = None
+        self.deadline = NEVER
+        reusable = self.keep_alive and not self.until_eof and exchange.body_complete and not self.closed
+        if self.reading_paused:
+            self.reading_paused = False
+            if not self.closed:
+                self.transport.resume_reading()
+        self._reset_response()
+        self.reused = True
+        exchange.upstream = None
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.close()
+        if client is not None:
+            client.finish(exchange)
+
+    def fail(self):
+        """The upstream sent something that is not HTTP: drop the connection, 502 the client."""
+        exchange = self.exchange
+        client = self.client
+        self.exchange = None
+        self.client = None
+        self.close()
+        if client is not None and exchange is not None:
+            client.upstream_failed(exchange, 502, MSG_BAD_GATEWAY)
+
+    def expire(self, now):
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # idle past UPSTREAM_IDLE_SECONDS
+            return
+        client = self.client
+        self.exchange = None
+        self.client = None
+        self.abort()
+        if client is not None:
+            client.upstream_failed(exchange, 504, MSG_TIMEOUT)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+            self.pool.forget(self)
+
+    def abort(self):
+        self.exchange = None
+        self.client = None
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+            self.pool.forget(self)

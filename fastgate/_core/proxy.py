@@ -1,0 +1,1 @@
+_pure/proxy.py

@@ -1,0 +1,1 @@
+"""`fastgate demo`: the gateway in front of a bundled mock AI upstream."""
