@@ -179,7 +179,7 @@ def run_load(target: Target, path: str, connections: int, duration: float, rate:
     cpu_before = cpu_seconds(pids)
     url = target.url + path
     if rate is None and shutil.which("wrk"):
-        out = subprocess.run(pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]),
+        out = subprocess.run(pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", url]),
                              capture_output=True, text=True, check=True).stdout
         percentiles = {p: float(v) * _UNIT[u] for p, v, u in _WRK_PCT.findall(out)}
         requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -330,7 +330,7 @@ def main() -> int:
                 closed[target.name].append(run_load(target, "/json", args.connections, args.duration))
         open_loop = {t.name: run_load(t, "/json", args.connections, args.duration, rate=args.rate)
                      for t in targets if t.name in ("direct", "fastgate", "nginx")}
-        sse = {t.name: run_sse(t.port, args.sse_streams)
+        sse = {t.name: run_sse(SSE_PORT if t.name == "direct" else t.port, args.sse_streams)
                for t in targets if t.name in ("direct", "fastgate", "nginx")}
 
         fastgate = next(t for t in targets if t.name == "fastgate")

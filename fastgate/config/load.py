@@ -86,13 +86,17 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def read_source(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a config file; ConfigError (path = the file name) when it cannot be read."""
     name = os.fspath(path)
     try:
-        data = Path(name).read_bytes()
+        return Path(name).read_bytes()
     except OSError as exc:
         raise ConfigError([Problem(name, f"cannot read the file: {exc.strerror or exc}")]) from None
-    return parse_config(data, source=name)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    return parse_config(read_source(path), source=os.fspath(path))
 
 
 def parse_config(data: bytes | str, source: str = "<config>") -> Config:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from fastgate import __version__
 from fastgate.config import ConfigError
+from fastgate.config.load import read_source
 from fastgate.server.control import ControlChannel
 from fastgate.server.worker import build_snapshot, server_ssl_context
 from fastgate.settings import Settings
@@ -59,13 +60,10 @@ class Supervisor:
 
     def read_config(self) -> tuple[str, str]:
         """The file's text and its configuration hash; ConfigError when it is not valid."""
-        try:
-            with open(self.config_path, encoding="utf-8") as file:
-                source = file.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError.single("", f"cannot read {self.config_path}: {exc}") from None
-        snapshot = build_snapshot(source, self.config_path)
-        return source, snapshot.configuration_hash
+        data = read_source(self.config_path)
+        snapshot = build_snapshot(data, self.config_path)
+        # Valid means it decoded as UTF-8, so the text travels to the workers as it is.
+        return data.decode("utf-8-sig"), snapshot.configuration_hash
 
     def reload(self) -> bool:
         try:

@@ -33,7 +33,7 @@ DRAIN_POLL_SECONDS = 0.05
 LISTEN_BACKLOG = 4096
 
 
-def build_snapshot(source: str, origin: str) -> Snapshot:
+def build_snapshot(source: str | bytes, origin: str) -> Snapshot:
     return compile_snapshot(parse_config(source, origin))
 
 

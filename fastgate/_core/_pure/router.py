@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["Match", "Router", "SubRoute", "compile_routes", "normalize_path"]
@@ -32,13 +32,13 @@ __all__ = ["Match", "Router", "SubRoute", "compile_routes", "normalize_path"]
 
 # Percent-encoded reserved characters keep their meaning, so they are not decoded (only their hex
 # is upper-cased); everything else is decoded.
-_RESERVED = frozenset(b"!*'();:@&=+$,/?%#[]")
+RESERVED = frozenset(b"!*'();:@&=+$,/?%#[]")
 _TRIPLET = re.compile(rb"%([0-9A-Fa-f]{2})")
 
 
 def _decode_triplet(m: re.Match[bytes]) -> bytes:
     byte = int(m[1], 16)
-    if byte in _RESERVED:
+    if byte in RESERVED:
         return m[0].upper()
     return bytes((byte,))
 
@@ -94,15 +94,15 @@ def normalize_path(path: bytes) -> bytes:
 # Upstream path (kong/router/utils.lua `get_upstream_uri_v0`, kong/tools/uri.lua `escape`)
 
 # Bytes kept as they are when the path is sent upstream; anything else becomes %XX.
-_UNESCAPED = frozenset(
+UNESCAPED = frozenset(
     b"!#$&'()*+,/:;=?@[]-_.~%" b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 )
 
 
 def _escape(path: bytes) -> bytes:
-    if all(byte in _UNESCAPED for byte in path):
+    if all(byte in UNESCAPED for byte in path):
         return path
-    return b"".join(bytes((byte,)) if byte in _UNESCAPED else b"%%%02X" % byte for byte in path)
+    return b"".join(bytes((byte,)) if byte in UNESCAPED else b"%%%02X" % byte for byte in path)
 
 
 def _sanitize_postfix(rest: bytes) -> bytes:
@@ -141,7 +141,7 @@ def _upstream_path_v0(base: bytes, strip: bool, path: bytes, matched: bytes | No
 # --------------------------------------------------------------------------------------------
 # Route compilation (shared with the compiled router)
 
-# kong/router/transform.lua names split sub-routes uuid5(this namespace, "<route id>#<group index>").
+# transform.lua names split sub-routes uuid5(this namespace, "<route id>#<group index>").
 _SPLIT_NAMESPACE = uuid.UUID("7f145bf9-0dce-4f91-98eb-debbce4b9f6b")
 _MAX_HEADER_COUNT = 255
 HOST_EXACT, HOST_SUFFIX, HOST_PREFIX = 0, 1, 2
@@ -242,7 +242,7 @@ def _split_paths(route: Any) -> list[tuple[str, list[str] | None]]:
         return [(route.id, paths or None)]
     groups: dict[int, list[str]] = {}
     for path in paths:
-        groups.setdefault(0 if path.startswith("~") else len(path), []).append(path)
+        groups.setdefault(0 if path.startswith("~") else len(path.encode()), []).append(path)
     if len(groups) == 1:
         return [(route.id, paths)]
     return [
@@ -260,14 +260,13 @@ class SubRoute:
     """
 
     __slots__ = (
-        "route", "service", "rank", "key", "methods", "hosts", "prefixes", "regexes", "headers",
+        "route", "service", "key", "methods", "hosts", "prefixes", "regexes", "headers",
         "strip_path", "preserve_host", "https_redirect", "base_path", "service_host",
     )  # fmt: skip
 
     def __init__(self, route: Any, service: Any, sub_id: str, paths: list[str] | None) -> None:
         self.route = route
         self.service = service
-        self.rank = 0
         self.methods = frozenset(m.encode() for m in route.methods) if route.methods else None
         self.hosts = tuple(self._host(h) for h in route.hosts) if route.hosts else None
         self.prefixes = self.regexes = None
@@ -314,8 +313,9 @@ class SubRoute:
         """transform.lua `get_priority`, as a tuple compared descending, then the UUID."""
         headers = len(route.headers) if route.headers else 0
         weight = bool(route.methods) + bool(route.hosts) + bool(headers) + bool(paths)
-        # `type(hosts) == "table"`: an empty hosts list still counts as plain.
-        plain_host_only = route.hosts is not None and not any("*" in h for h in route.hosts)
+        # Kong tests `type(hosts) == "table"`, true for an explicit empty list but not for an
+        # unset field; the config loader turns unset into [], so empty counts as unset here.
+        plain_host_only = bool(route.hosts) and not any("*" in h for h in route.hosts)
         is_regex = bool(paths) and paths[0].startswith("~")
         return (
             weight,
@@ -323,21 +323,19 @@ class SubRoute:
             min(headers, _MAX_HEADER_COUNT),
             is_regex,
             route.regex_priority if is_regex else 0,
-            len(paths[0]) & 0x7FFFF if paths and not is_regex else 0,
+            len(paths[0].encode()) & 0x7FFFF if paths and not is_regex else 0,
             uuid.UUID(sub_id).bytes,
         )
 
 
 def compile_routes(routes: Iterable[tuple[Any, Any]]) -> list[SubRoute]:
-    """All sub-routes, best first; `rank` is the position in that order."""
+    """All sub-routes, best first."""
     subs = [
         SubRoute(route, service, sub_id, paths)
         for route, service in routes
         for sub_id, paths in _split_paths(route)
     ]
     subs.sort(key=lambda sub: sub.key, reverse=True)
-    for rank, sub in enumerate(subs):
-        sub.rank = rank
     return subs
 
 
@@ -359,7 +357,7 @@ def is_utf8(value: bytes) -> bool:
 
 
 def add_captures(captures: dict[int | str, str], m: re.Match[bytes]) -> None:
-    """Numbered then named groups that took part in the match, as the ATC interpreter stores them."""
+    """Numbered then named groups that took part in the match, as the ATC interpreter keeps them."""
     for i, group in enumerate((m[0], *m.groups())):
         if group is not None:
             captures[i] = group.decode(errors="surrogateescape")
@@ -368,11 +366,17 @@ def add_captures(captures: dict[int | str, str], m: re.Match[bytes]) -> None:
             captures[name] = group.decode(errors="surrogateescape")
 
 
-def header_captures(sub: SubRoute, headers: Mapping[bytes, Sequence[bytes]]) -> dict[int | str, str]:
-    """Captures of the `~*` header predicates that matched, in evaluation order."""
+def match_headers(
+    sub: SubRoute, headers: Mapping[bytes, Sequence[bytes]] | None
+) -> dict[int | str, str] | None:
+    """None unless every header predicate holds; then the captures of the `~*` ones that matched.
+
+    Each header is (value 1 OR value 2 ...), every value tried against each request value; the
+    first predicate that holds ends the header, as the ATC interpreter evaluates `||` and `any`.
+    """
     captures: dict[int | str, str] = {}
     for name, predicates in sub.headers or ():
-        values = [lower_value(v) for v in headers.get(name) or ()]
+        values = [lower_value(v) for v in (headers.get(name) if headers else None) or ()]
         for predicate in predicates:
             if isinstance(predicate, bytes):
                 if predicate in values:
@@ -382,6 +386,8 @@ def header_captures(sub: SubRoute, headers: Mapping[bytes, Sequence[bytes]]) -> 
             if m is not None:
                 add_captures(captures, m)
                 break
+        else:
+            return None
     return captures
 
 
@@ -447,20 +453,6 @@ def _host_matches(hosts: tuple[tuple[int, bytes, int], ...], name: bytes, port: 
         if hit and (want_port < 0 or want_port == port):
             return True
     return False
-
-
-def _headers_match(sub: SubRoute, headers: Mapping[bytes, Sequence[bytes]] | None) -> bool:
-    for name, predicates in sub.headers or ():
-        raw = headers.get(name) if headers else None
-        if not raw:
-            return False
-        values = [lower_value(v) for v in raw]
-        if not any(
-            p in values if isinstance(p, bytes) else any(p.search(v) for v in values)
-            for p in predicates
-        ):
-            return False
-    return True
 
 
 def _path_match(sub: SubRoute, path: bytes) -> tuple[bytes | None, re.Match[bytes] | None] | None:
@@ -532,17 +524,20 @@ class Router:
             if sub.hosts is not None and not _host_matches(sub.hosts, host_name, port):
                 continue
             hit = _path_match(sub, path)
-            if hit is None or not _headers_match(sub, headers):
+            if hit is None:
+                continue
+            header_captures = match_headers(sub, headers)
+            if header_captures is None:
                 continue
             matched, regex_match = hit
             upstream_path = _escape(_upstream_path_v0(sub.base_path, sub.strip_path, path, matched))
             if cut >= 0:
                 upstream_path += target[cut:]
+            # Path captures first, then the header ones, which overwrite equal keys (0 at least).
             captures: dict[int | str, str] = {}
             if regex_match is not None:
                 add_captures(captures, regex_match)
-            if headers and sub.headers:
-                captures.update(header_captures(sub, headers))
+            captures.update(header_captures)
             status, message, error_headers = _outcome(sub, scheme, host_name, target)
             return Match(
                 sub.route,
@@ -566,7 +561,8 @@ def _outcome(
         if sub.https_redirect == 426:
             return 426, HTTPS_MESSAGE, UPGRADE_HEADERS
         # "https://" .. $host .. $request_uri; nginx's $host is lowercase and has no port.
-        return sub.https_redirect, None, ((b"Location", b"https://" + host_name.lower() + target),)
+        location = b"https://" + host_name.lower() + target
+        return sub.https_redirect, HTTPS_MESSAGE, ((b"Location", location),)
     if sub.service is None:
         return 503, NO_SERVICE_MESSAGE, ()
     return 0, None, ()

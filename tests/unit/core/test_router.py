@@ -51,7 +51,7 @@ class Service:
     name: str | None = "svc"
     protocol: str = "http"
     host: str = "upstream.test"
-    port: int = 80
+    port: int | None = 80
     path: str | None = None
 
 
@@ -66,7 +66,7 @@ def make_router(impl: Any, *routes: Route, service: Service | None = SERVICE) ->
     return impl.Router([(r, service) for r in routes])
 
 
-def matched_id(router: Any, target: str | bytes, host: bytes = b"domain.org", **kw: Any) -> str | None:
+def matched_id(router: Any, target: str | bytes, host: bytes = b"domain.org", **kw: Any) -> Any:
     if isinstance(target, str):
         target = target.encode()
     m = router.match(kw.pop("method", b"GET"), host, target, **kw)
@@ -74,7 +74,10 @@ def matched_id(router: Any, target: str | bytes, host: bytes = b"domain.org", **
 
 
 # ------------------------------------------------------------------------------------------
-# Path handling truth table (spec/fixtures/router_path_handling_tests.lua, v0 only)
+# Path handling truth table: spec/fixtures/router_path_handling_tests.lua as of Kong 3.x, where
+# v0 is the only path_handling left. (The 2.x file also labelled v0 three rows of /service/ with
+# strip on a request ending in "/" as "/service"; get_upstream_uri_v0 gives "/service/", and so
+# does the current file.)
 
 FT = (False, True)
 PATH_HANDLING = [
@@ -146,7 +149,10 @@ PATH_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("service_path", "route_path", "strip", "request_path", "expected"), PATH_CASES)
+PATH_ARGS = ("service_path", "route_path", "strip", "request_path", "expected")
+
+
+@pytest.mark.parametrize(PATH_ARGS, PATH_CASES)
 def test_path_handling(impl, service_path, route_path, strip, request_path, expected):
     r = Route(paths=[route_path] if route_path else None, hosts=["localbin.com"], strip_path=strip)
     router = make_router(impl, r, service=Service(path=service_path))
@@ -155,10 +161,7 @@ def test_path_handling(impl, service_path, route_path, strip, request_path, expe
     assert m.upstream_path == expected.encode()
 
 
-@pytest.mark.parametrize(
-    ("service_path", "route_path", "strip", "request_path", "expected"),
-    [case for case in PATH_CASES if case.values[1] is not None],
-)
+@pytest.mark.parametrize(PATH_ARGS, [case for case in PATH_CASES if case.values[1] is not None])
 def test_path_handling_regex(impl, service_path, route_path, strip, request_path, expected):
     # Kong runs the same table with the path turned into a regex that matches the same prefix.
     r = Route(paths=["~/[0]?" + route_path[1:]], strip_path=strip)
@@ -268,7 +271,8 @@ def test_host_and_uri_beat_method(impl):
     assert matched_id(router, "/route-4", b"domain-1.org", method=b"TRACE") == IDS.format(4)
     assert matched_id(router, "/", b"domain-1.org", method=b"POST") == IDS.format(5)
     assert matched_id(router, "/route-6", method=b"PUT") == IDS.format(6)
-    assert matched_id(router, "/my-route-uri", b"domain-with-uri-1.org", method=b"POST") == IDS.format(7)
+    uri_host = b"domain-with-uri-1.org"
+    assert matched_id(router, "/my-route-uri", uri_host, method=b"POST") == IDS.format(7)
     assert matched_id(router, "/", b"nothing.org") is None
 
 
@@ -284,10 +288,9 @@ def test_more_headers_beat_longer_paths(impl):
 
 
 def test_evaluates_routes_with_more_headers_first(impl):
+    two = {"version": ["v1", "v2"], "user_agent": ["foo", "bar"]}
     router = make_router(
-        impl,
-        route(1, headers={"version": ["v1", "v2"], "user_agent": ["foo", "bar"]}),
-        route(2, headers={"version": ["v1", "v2"], "user_agent": ["foo", "bar"], "location": ["east", "west"]}),
+        impl, route(1, headers=two), route(2, headers={**two, "location": ["east", "west"]})
     )
     headers = {b"version": [b"v1"], b"user-agent": [b"foo"], b"location": [b"north", b"west"]}
     assert matched_id(router, "/", headers=headers) == IDS.format(2)
@@ -380,6 +383,18 @@ def test_prefix_is_not_segment_aware(impl):
     assert matched_id(router, "/x/foo") is None
 
 
+def test_many_matching_prefix_lengths(impl):
+    # More matching prefix lengths than the compiled scan takes in one batch (32).
+    routes = [
+        route(k, paths=["/" + "a" * k], methods=["GET" if k == 3 else "POST"]) for k in range(1, 45)
+    ]
+    router = make_router(impl, *routes)
+    assert matched_id(router, "/" + "a" * 60, method=b"GET") == IDS.format(3)
+    assert matched_id(router, "/" + "a" * 60, method=b"POST") == IDS.format(44)
+    assert matched_id(router, "/aaaaa", method=b"POST") == IDS.format(5)
+    assert matched_id(router, "/aa", method=b"GET") is None
+
+
 def test_root_path_is_a_catch_all(impl):
     router = make_router(impl, route(15, paths=["/"]), route(3, paths=["/my-route"]))
     assert matched_id(router, "/") == IDS.format(15)
@@ -408,6 +423,18 @@ def test_method_does_not_supersede_uri_or_wildcard_host(impl):
     assert matched_id(router, "/", b"nothing.com") == IDS.format(1)
     # Same weight (1): the larger UUID wins.
     assert matched_id(router, "/", b"domain.com") == IDS.format(3)
+
+
+def test_empty_match_fields_count_as_unset(impl):
+    # The config loader gives unset match fields as [] / {}: an empty hosts list must not earn
+    # the plain-host rank, or method-only route 1 would beat wildcard route 2 despite its UUID.
+    router = make_router(
+        impl,
+        route(1, methods=["GET"], hosts=[], paths=[], headers={}),
+        route(2, hosts=["domain.*"], methods=[], paths=[], headers={}),
+    )
+    assert matched_id(router, "/", b"domain.com") == IDS.format(2)
+    assert matched_id(router, "/", b"other.com") == IDS.format(1)
 
 
 def test_larger_uuid_breaks_ties(impl):
@@ -504,6 +531,23 @@ def test_ipv6_and_empty_hosts(impl):
     assert matched_id(router, "/", b"[::2]:8000") == IDS.format(2)
 
 
+@pytest.mark.parametrize(
+    ("route_host", "request_host", "hit"),
+    [
+        ("a.com", b"a.com:8000", True),
+        ("a.com", b"a.com:", False),
+        ("a.com:", b"a.com:", True),
+        ("a.com", b"a.com:80x", False),
+        ("[::1]", b"[::1]:80", True),
+        ("[::1]", b"[::1]:", False),
+        ("[::1]", b"[::1]x", False),
+    ],
+)
+def test_host_port_split(impl, route_host, request_host, hit):
+    router = make_router(impl, route(1, hosts=[route_host]))
+    assert (matched_id(router, "/", request_host) is not None) is hit
+
+
 def test_header_names_and_values_are_case_insensitive(impl):
     router = make_router(
         impl,
@@ -532,7 +576,9 @@ def test_header_multiple_values(impl):
 
 def test_header_regex_is_an_unanchored_search_on_lowercased_values(impl):
     ua = r"~*windows|linux|os\s+x\s*[\d\._]+|solaris|bsd"
-    router = make_router(impl, route(15, headers={"user-agent": [ua]}), route(1, headers={"x": ["~*^AB$"]}))
+    router = make_router(
+        impl, route(15, headers={"user-agent": [ua]}), route(1, headers={"x": ["~*^AB$"]})
+    )
     chrome = b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36"
     assert matched_id(router, "/", headers={b"user-agent": [chrome]}) == IDS.format(15)
     assert matched_id(router, "/", headers={b"user-agent": [b"curl/8"]}) is None
@@ -549,10 +595,13 @@ def test_header_regex_captures_join_the_captures(impl):
 
 def test_uri_captures(impl):
     router = make_router(
-        impl, route(1, paths=[r"~/users/(?<user_id>\d+)/profile/?(?<scope>[a-z]*)"], strip_path=False)
+        impl,
+        route(1, paths=[r"~/users/(?<user_id>\d+)/profile/?(?<scope>[a-z]*)"], strip_path=False),
     )
     m = router.match(b"GET", b"h", b"/users/1984/profile")
-    assert m.captures == {0: "/users/1984/profile", 1: "1984", 2: "", "user_id": "1984", "scope": ""}
+    assert m.captures == {
+        0: "/users/1984/profile", 1: "1984", 2: "", "user_id": "1984", "scope": ""
+    }
     m = router.match(b"GET", b"h", b"/users/1984/profile/email")
     assert m.captures == {
         0: "/users/1984/profile/email", 1: "1984", 2: "email", "user_id": "1984", "scope": "email"
@@ -582,7 +631,9 @@ def test_strip_regex_match(impl):
 
 
 def test_regex_is_anchored_at_the_start_only(impl):
-    router = make_router(impl, route(1, paths=["~/prefix/[0-9]+"]), route(2, paths=[r"~/items/\d+$"]))
+    router = make_router(
+        impl, route(1, paths=["~/prefix/[0-9]+"]), route(2, paths=[r"~/items/\d+$"])
+    )
     assert matched_id(router, "/prefix/123") == IDS.format(1)
     assert matched_id(router, "/prefix/123/more") == IDS.format(1)
     assert matched_id(router, "/extra/prefix/123") is None
@@ -600,7 +651,9 @@ def test_regex_alternation_binds_the_anchor_to_the_first_branch(impl):
 
 
 def test_reserved_characters_stay_encoded_for_matching(impl):
-    router = make_router(impl, route(1, paths=["/endel%2Fst"]), route(2, paths=["~/regex-reserved%2Fabc"]))
+    router = make_router(
+        impl, route(1, paths=["/endel%2Fst"]), route(2, paths=["~/regex-reserved%2Fabc"])
+    )
     m = router.match(b"GET", b"h", b"/endel%2fst")
     assert m.route.id == IDS.format(1)
     assert (m.stripped_prefix, m.upstream_path) == (b"/endel%2Fst", b"/")
@@ -651,7 +704,8 @@ def test_preserve_host(impl):
     ],
 )
 def test_upstream_host_default_ports(impl, protocol, port, host):
-    router = make_router(impl, route(1, paths=["/"]), service=Service(host="example.org", protocol=protocol, port=port))
+    service = Service(host="example.org", protocol=protocol, port=port)
+    router = make_router(impl, route(1, paths=["/"]), service=service)
     assert router.match(b"GET", b"client", b"/").upstream_host == host
 
 
@@ -667,9 +721,10 @@ def test_https_only_route_answers_426(impl):
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 def test_https_only_route_redirects(impl, status):
-    router = make_router(impl, route(1, paths=["/r"], protocols=["https"], https_redirect_status_code=status))
+    r = route(1, paths=["/r"], protocols=["https"], https_redirect_status_code=status)
+    router = make_router(impl, r)
     m = router.match(b"GET", b"Example.COM:8000", b"/r/x?a=1")
-    assert (m.error_status, m.error_message) == (status, None)
+    assert (m.error_status, m.error_message) == (status, "Please use HTTPS protocol")
     assert m.error_headers == ((b"Location", b"https://example.com/r/x?a=1"),)
 
 
@@ -684,7 +739,8 @@ def test_serviceless_route_answers_503(impl):
     router = make_router(impl, r, service=None)
     m = router.match(b"GET", b"h", b"/serviceless")
     assert (m.route, m.service, m.captures) == (r, None, None)
-    assert (m.error_status, m.error_message, m.error_headers) == (503, "no Service found with those values", ())
+    assert (m.error_status, m.error_headers) == (503, ())
+    assert m.error_message == "no Service found with those values"
     assert m.upstream_host == b""
 
 
@@ -699,7 +755,8 @@ def test_proxied_match_fields(impl):
     service = Service(host="example.org", port=8080, path="/api")
     m = make_router(impl, r, service=service).match(b"GET", b"h", b"/my-route/x?y=1")
     assert (m.route, m.service) == (r, service)
-    assert (m.upstream_path, m.upstream_host, m.stripped_prefix) == (b"/api/x?y=1", b"example.org:8080", b"/my-route")
+    assert (m.upstream_path, m.stripped_prefix) == (b"/api/x?y=1", b"/my-route")
+    assert m.upstream_host == b"example.org:8080"
     assert (m.captures, m.error_status, m.error_message, m.error_headers) == (None, 0, None, ())
     with pytest.raises(AttributeError):
         m.upstream_path = b"/"
@@ -717,7 +774,10 @@ def test_no_route(impl):
 
 
 def _random_routes(rng: random.Random, count: int) -> list[tuple[Route, Service | None]]:
-    prefixes = ["/", "/a", "/a/b", "/ab", "/api", "/api/v1", "/api/v1/items", "/foo", "/foobar", "/x%2Fy", "/caf%C3%A9"]
+    prefixes = [
+        "/", "/a", "/a/b", "/ab", "/api", "/api/v1", "/api/v1/items", "/foo", "/foobar", "/x%2Fy",
+        "/caf%C3%A9",
+    ]
     regexes = [
         r"~/api/v\d+/items/(?<id>\d+)$", r"~/a/(\w+)", r"~/(foo|bar)", "~/x|/y", "~/[0]?api",
         r"~/api/(?:v1|v2)/(?P<rest>.*)", r"~(?i)/API", r"~/a/b\.c", r"~/opt(/x)?",
@@ -754,15 +814,22 @@ def _random_routes(rng: random.Random, count: int) -> list[tuple[Route, Service 
     return out
 
 
-def _random_request(rng: random.Random) -> tuple[bytes, bytes, bytes, dict[bytes, list[bytes]] | None, int, bytes]:
+def _random_request(rng: random.Random) -> tuple[Any, ...]:
     targets = [
         b"/", b"/a", b"/a/b/c", b"/ab?x=1", b"/api/v1/items/42", b"/api/v2/items/7?", b"/API/x",
-        b"/foo/../bar", b"/foobar/baz", b"/x%2fy/z", b"/x/y", b"/caf%C3%A9/", b"/a/b.c", b"/%2e%2e/api",
+        b"/foo/../bar", b"/foobar/baz", b"/x%2fy/z", b"/x/y", b"/caf%C3%A9/", b"/a/b.c",
+        b"/%2e%2e/api",
         b"/opt", b"/opt/x", b"//a//b", b"/a/./b/", b"/api/v1/items/5%0A", b"/bad%FF", b"/sp%20ace",
     ]
-    hosts = [b"a.com", b"A.com", b"x.a.com", b"a.org", b"b.com", b"y.b.com:8443", b"a.com:8000", b"[::1]:80", b""]
+    hosts = [
+        b"a.com", b"A.com", b"x.a.com", b"a.org", b"b.com", b"y.b.com:8443", b"a.com:8000",
+        b"[::1]:80", b"",
+    ]
     headers = rng.choice(
-        [None, {}, {b"x-v": [b"1"]}, {b"x-env": [b"PROD"]}, {b"x-v": [b"3", b"2"], b"x-env": [b"prd", b"prod"]}]
+        [
+            None, {}, {b"x-v": [b"1"]}, {b"x-env": [b"PROD"]},
+            {b"x-v": [b"3", b"2"], b"x-env": [b"prd", b"prod"]},
+        ]
     )
     return (
         rng.choice([b"GET", b"POST", b"PUT", b"DELETE"]),
