@@ -24,8 +24,10 @@ demo: build
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Micro benchmarks (compiled vs reference), then the end-to-end run (bench/README.md).
 bench: build
-	$(PY) -m pytest bench --benchmark-only --benchmark-columns=median,mean,stddev,rounds -p no:randomly
+	taskset -c 0 $(PY) -m pytest bench --benchmark-only --benchmark-columns=median,mean,stddev,rounds
+	$(PY) bench/e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastgate/_core/*.c fastgate/_core/*.so fastgate/_core/*.html
