@@ -46,6 +46,7 @@ cdef class Exchange:
     cdef public Py_ssize_t header_lines
     cdef public bint keep_alive
     cdef public bint chunked
+    cdef public bint announced_body
     cdef public bint has_body
     cdef public bint body_complete
     cdef public bint body_sent
@@ -160,6 +161,8 @@ cdef class UpstreamConnection:
     cpdef request_sent(self)
     cpdef pause_reading(self)
     cpdef resume_reading(self)
+    @cython.locals(client=ClientConnection)
+    cdef ClientConnection _detach(self)
     @cython.locals(exchange=Exchange, client=ClientConnection)
     cpdef finish(self)
     @cython.locals(exchange=Exchange, client=ClientConnection)

@@ -150,6 +150,10 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             _, body = self.status()
             if body["configuration_hash"] != before["configuration_hash"]:
+                # The supervisor switches its hash when it sends the new config; one more
+                # status round trip, queued behind that config on each worker's channel,
+                # returns only once every worker has applied it.
+                self.status()
                 return body["configuration_hash"]
             time.sleep(0.05)
         raise AssertionError(f"reload not applied:\n{self.logs()}")

@@ -4,7 +4,8 @@
 
 HTTP_PORT serves an aiohttp app (echo, SSE, large bodies, slow answers, any status);
 RAW_PORT a raw asyncio server for what a well-behaved framework will not send
-(close-delimited bodies, death mid-body, garbage, stale keep-alive connections).
+(close-delimited bodies, death mid-body, garbage, stale keep-alive connections, interim
+responses, a body never read, an answer before the body).
 It prints "ready" once both listen.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import sys
 import time
 
@@ -65,8 +67,15 @@ async def sse_state(request: web.Request) -> web.Response:
     return web.json_response({"state": STREAM_STATES.get(request.query["token"], "unknown")})
 
 
+BIG_SENT: dict[str, int] = {}
+
+
 async def big(request: web.Request) -> web.StreamResponse:
+    """`size` bytes; each write waits for the socket to drain, so a reader that stops stalls
+    this handler (TCP flow control). With `token`, the bytes written so far are kept for
+    /big-state."""
     size = int(request.query.get("size", str(10 * 1024 * 1024)))
+    token = request.query.get("token")
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     if request.query.get("length") == "1":
         response.content_length = size
@@ -77,8 +86,14 @@ async def big(request: web.Request) -> web.StreamResponse:
         piece = block[: min(CHUNK, size - sent)]
         await response.write(piece)
         sent += len(piece)
+        if token:
+            BIG_SENT[token] = sent
     await response.write_eof()
     return response
+
+
+async def big_state(request: web.Request) -> web.Response:
+    return web.json_response({"sent": BIG_SENT.get(request.query["token"], 0)})
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -88,6 +103,30 @@ async def upload(request: web.Request) -> web.Response:
         digest.update(piece)
         size += len(piece)
     return web.json_response({"size": size, "sha256": digest.hexdigest(), "chunked": request.headers.get("Transfer-Encoding")})
+
+
+async def slow_upload(request: web.Request) -> web.Response:
+    """Like /upload, but stops reading for `pause` s once `after` bytes came in, so the
+    gateway's writes back up (TCP flow control) while the client goes on sending."""
+    pause = float(request.query.get("pause", "2"))
+    after = int(request.query.get("after", str(1024 * 1024)))
+    digest = hashlib.sha256()
+    size = 0
+    paused = False
+    async for piece in request.content.iter_any():
+        digest.update(piece)
+        size += len(piece)
+        if not paused and size >= after:
+            paused = True
+            await asyncio.sleep(pause)
+    return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+
+async def peer(request: web.Request) -> web.Response:
+    """The gateway's side of this connection, as the upstream sees it."""
+    host, port = request.transport.get_extra_info("peername")[:2]
+    await request.read()
+    return web.json_response({"host": host, "port": port})
 
 
 async def slow(request: web.Request) -> web.Response:
@@ -112,7 +151,10 @@ def make_app() -> web.Application:
     app.router.add_get("/sse", sse)
     app.router.add_get("/sse-state", sse_state)
     app.router.add_get("/big", big)
+    app.router.add_get("/big-state", big_state)
     app.router.add_post("/upload", upload)
+    app.router.add_post("/slow-upload", slow_upload)
+    app.router.add_route("*", "/peer", peer)
     app.router.add_get("/slow", slow)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/server-header", with_server_header)
@@ -126,8 +168,13 @@ class RawUpstream(asyncio.Protocol):
         self.transport = transport
         self.buffer = b""
         self.requests = 0
+        self.discard = 0  # request body bytes still to come and to be ignored
 
     def data_received(self, data):
+        if self.discard:
+            skipped = min(self.discard, len(data))
+            self.discard -= skipped
+            data = data[skipped:]
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer:
             return
@@ -135,6 +182,7 @@ class RawUpstream(asyncio.Protocol):
         self.requests += 1
         path = head.split(b" ", 2)[1].split(b"?")[0]
         write = self.transport.write
+        loop = asyncio.get_running_loop()
         if path.endswith(b"/close-delimited"):
             write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nall of this until EOF")
             self.transport.close()
@@ -146,6 +194,23 @@ class RawUpstream(asyncio.Protocol):
             self.transport.close()
         elif path.endswith(b"/reset-before-headers"):
             self.transport.abort()
+        elif path.endswith(b"/early-hints"):
+            write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+            loop.call_later(0.1, write, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal")
+        elif path.endswith(b"/no-read"):
+            # Takes the request head, then never reads the body nor answers.
+            self.transport.pause_reading()
+        elif path.endswith(b"/answer-early"):
+            # Answers at once (as an upstream refusing an upload does), reads and drops the
+            # rest of the body only 0.3 s later, and keeps the connection.
+            match = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            length = int(match.group(1)) if match else 0
+            self.discard = max(0, length - len(self.buffer))
+            self.buffer = self.buffer[length:]
+            write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nearly")
+            if self.discard:
+                self.transport.pause_reading()
+                loop.call_later(0.3, self.transport.resume_reading)
         elif path.endswith(b"/stale"):
             # Keep-alive advertised, but a second request on the connection finds it closed,
             # as when an upstream's idle timeout fires just as the gateway reuses it.

@@ -229,6 +229,7 @@ class Exchange:
         self.header_lines = 0
         self.keep_alive = True
         self.chunked = False
+        self.announced_body = False
         self.has_body = False
         self.body_complete = False
         self.body_sent = False
@@ -361,6 +362,8 @@ class ClientConnection:
             elif lower == b"transfer-encoding":
                 exchange.chunked = True
             return
+        if lower == b"content-length" and value.strip().lstrip(b"0"):
+            exchange.announced_body = True
         parts = exchange.header_parts
         parts.append(name)
         parts.append(b": ")
@@ -381,6 +384,10 @@ class ClientConnection:
         exchange.http_version = parser.get_http_version()
         exchange.keep_alive = parser.should_keep_alive() and not self.gateway.draining
         exchange.request_id = self.gateway.next_request_id()
+        if not exchange.chunked and not exchange.announced_body:
+            # No body (RFC 9112 6.3): the request is complete with its head, so an answer the
+            # gateway gives right away (404, 426, ...) keeps the connection alive.
+            exchange.body_complete = True
         if exchange.connection_tokens:
             self._drop_connection_listed(exchange)
         if self.current is None:
@@ -565,6 +572,12 @@ class ClientConnection:
         if self.current is not exchange:
             return
         self.current = None
+        if exchange.held_body_size > MAX_HELD_BODY:
+            # Answered (an error) before an upstream connection took the held body: the pause
+            # that holding it put on the client's reads must not outlive the exchange, or the
+            # connection's next request is never read.
+            exchange.held_body_size = 0
+            self.resume_reading()
         if self.closed:
             return
         if not exchange.keep_alive or not exchange.body_complete:
@@ -789,16 +802,15 @@ class UpstreamConnection:
         if exchange is None:
             self.pool.forget(self)
             return
-        client = self.client
         if self.until_eof and self.head_done:
             # A close-delimited body ends at EOF: that is its normal end.
+            client = self.client
             if self.chunk_out and client is not None and not client.closed:
                 client.transport.write(b"0\r\n\r\n")
             self.keep_alive = False
             self.finish()
             return
-        self.exchange = None
-        self.client = None
+        client = self._detach()
         if client is None:
             return
         if not self.head_done and not exchange.response_started:
@@ -921,9 +933,11 @@ class UpstreamConnection:
         status = parser.get_status_code()
         exchange = self.exchange
         if status < 200 and status != 101:
-            # Interim response (100 Continue, 103 Early Hints): pass it on, wait for the final one.
+            # Interim response (100 Continue, 103 Early Hints): pass it on, wait for the final
+            # one. An HTTP/1.0 client must not get one (RFC 9110 15.2): it would take it as final.
             out = self.out
-            out.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, self.reason, b"".join(self.header_parts)))
+            if exchange.http_version == "1.1":
+                out.append(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, self.reason, b"".join(self.header_parts)))
             self._reset_response()
             self.out = out
             return
@@ -982,11 +996,12 @@ class UpstreamConnection:
 
     def finish(self):
         exchange = self.exchange
-        client = self.client
-        self.exchange = None
-        self.client = None
+        client = self._detach()
         self.deadline = NEVER
-        reusable = self.keep_alive and not self.until_eof and exchange.body_complete and not self.closed
+        reusable = (
+            self.keep_alive and not self.until_eof and exchange.body_complete and not self.closed
+            and not self.write_paused
+        )
         if self.reading_paused:
             self.reading_paused = False
             if not self.closed:
@@ -996,17 +1011,31 @@ class UpstreamConnection:
         exchange.upstream = None
         if reusable:
             self.pool.release(self)
+        elif self.write_paused:
+            # The upstream answered without reading the request body and may never read it:
+            # flushing the rest would keep this connection open for nothing.
+            self.abort()
         else:
             self.close()
         if client is not None:
             client.finish(exchange)
 
+    def _detach(self):
+        """Unlink the exchange; returns its client. While this connection's writes are paused
+        the client's reads are too (pause_writing): that pause ends with the exchange, or the
+        client's next request is never read. A write-paused connection is never reused, so
+        the paused client is always this one."""
+        client = self.client
+        self.client = None
+        self.exchange = None
+        if self.write_paused and client is not None:
+            client.resume_reading()
+        return client
+
     def fail(self):
         """The upstream sent something that is not HTTP: drop the connection, 502 the client."""
         exchange = self.exchange
-        client = self.client
-        self.exchange = None
-        self.client = None
+        client = self._detach()
         self.close()
         if client is not None and exchange is not None:
             client.upstream_failed(exchange, 502, MSG_BAD_GATEWAY)
@@ -1016,9 +1045,7 @@ class UpstreamConnection:
         if exchange is None:
             self.close()  # idle past UPSTREAM_IDLE_SECONDS
             return
-        client = self.client
-        self.exchange = None
-        self.client = None
+        client = self._detach()
         self.abort()
         if client is not None:
             client.upstream_failed(exchange, 504, MSG_TIMEOUT)
@@ -1030,8 +1057,7 @@ class UpstreamConnection:
             self.pool.forget(self)
 
     def abort(self):
-        self.exchange = None
-        self.client = None
+        self._detach()
         if not self.closed:
             self.closed = True
             self.transport.abort()
