@@ -24,6 +24,7 @@ cdef class Gateway:
     cdef public object ssl_context
     cdef public bytes request_id_prefix
     cdef public unsigned long long request_counter
+    cdef public double now
 
     cpdef bytes next_request_id(self)
     cpdef UpstreamPool pool_for(self, object service)

@@ -123,6 +123,10 @@ class Gateway:
         self.tick_count = 0
         self.ticker = None
         self.ssl_context = None
+        # The loop's clock as read at the start of the current uvloop callback: every read of
+        # a client or upstream sets it, and the rest of that callback uses it. One clock read
+        # per read instead of nine per exchange (about 0.1 us each).
+        self.now = loop.time()
         # Request ids: 64 random bits per worker + a 64-bit counter = 32 lowercase hex, unique
         # without a urandom call per request.
         self.request_id_prefix = os.urandom(8).hex().encode()
@@ -167,7 +171,7 @@ class Gateway:
         return pool
 
     def tick(self):
-        now = self.loop.time()
+        now = self.now = self.loop.time()
         for upstream in list(self.upstreams):
             if upstream.deadline <= now:
                 upstream.expire(now)
@@ -282,7 +286,8 @@ class ClientConnection:
     def data_received(self, data):
         if self.closed:
             return
-        self.deadline = self.loop.time() + CLIENT_STALL_SECONDS
+        now = self.gateway.now = self.loop.time()
+        self.deadline = now + CLIENT_STALL_SECONDS
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -322,6 +327,7 @@ class ClientConnection:
 
     def resume_writing(self):
         self.write_paused = False
+        self.gateway.now = self.loop.time()
         current = self.current
         if current is not None and current.upstream is not None:
             current.upstream.resume_reading()
@@ -331,7 +337,7 @@ class ClientConnection:
     def on_message_begin(self):
         gateway = self.gateway
         gateway.stats.total_requests += 1
-        self.parsing = Exchange(gateway.snapshot, self.loop.time())
+        self.parsing = Exchange(gateway.snapshot, gateway.now)
 
     def on_url(self, url):
         exchange = self.parsing
@@ -514,7 +520,7 @@ class ClientConnection:
     def respond_error(self, exchange, status, message, extra_headers=()):
         """Answer from the gateway: Kong's JSON error body with the request id."""
         body = error_body(message, exchange.request_id)
-        latency = int((self.loop.time() - exchange.started) * 1000)
+        latency = int((self.gateway.now - exchange.started) * 1000)
         # A body the client is still sending is not read to its end: the connection closes.
         keep_alive = exchange.keep_alive and exchange.body_complete and not self.gateway.draining
         exchange.keep_alive = keep_alive
@@ -545,7 +551,7 @@ class ClientConnection:
             self.pause_reading()
             return
         if exchange is None:
-            exchange = Exchange(self.gateway.snapshot, self.loop.time())
+            exchange = Exchange(self.gateway.snapshot, self.gateway.now)
         if exchange.upstream is not None:
             exchange.upstream.abort()  # e.g. bad chunked framing after the head went upstream
             exchange.upstream = None
@@ -594,7 +600,7 @@ class ClientConnection:
             self.current = following
             self.dispatch(following)
         else:
-            self.deadline = self.loop.time() + CLIENT_KEEPALIVE_SECONDS
+            self.deadline = self.gateway.now + CLIENT_KEEPALIVE_SECONDS
             if self.gateway.draining and self.parsing is None:
                 self.close()
 
@@ -652,7 +658,7 @@ class UpstreamPool:
 
     def release(self, upstream):
         if len(self.idle) < MAX_IDLE_PER_UPSTREAM and not self.gateway.draining:
-            upstream.deadline = self.gateway.loop.time() + UPSTREAM_IDLE_SECONDS
+            upstream.deadline = self.gateway.now + UPSTREAM_IDLE_SECONDS
             self.idle.append(upstream)
         else:
             upstream.close()
@@ -703,6 +709,7 @@ class ConnectAttempt:
 
     def done(self, future):
         gateway = self.pool.gateway
+        gateway.now = gateway.loop.time()
         gateway.connecting.discard(self)
         client = self.client
         exchange = self.exchange
@@ -774,7 +781,8 @@ class UpstreamConnection:
         if exchange is None:
             self.close()  # bytes nobody asked for: the connection is not reusable
             return
-        self.deadline = self.loop.time() + self.read_timeout
+        now = self.gateway.now = self.loop.time()
+        self.deadline = now + self.read_timeout
         out = self.out = []
         try:
             self.parser.feed_data(data)
@@ -797,6 +805,7 @@ class UpstreamConnection:
 
     def connection_lost(self, exc):
         self.closed = True
+        self.gateway.now = self.loop.time()
         self.gateway.upstreams.discard(self)
         exchange = self.exchange
         if exchange is None:
@@ -839,6 +848,7 @@ class UpstreamConnection:
 
     def resume_writing(self):
         self.write_paused = False
+        self.gateway.now = self.loop.time()
         self._arm_read_deadline()
         client = self.client
         if client is not None:
@@ -853,7 +863,7 @@ class UpstreamConnection:
         exchange.upstream = self
         self.read_timeout = service.read_timeout / 1000.0
         self.write_timeout = service.write_timeout / 1000.0
-        exchange.head_written_at = self.loop.time()
+        exchange.head_written_at = self.gateway.now
         held = exchange.held_body
         if held:
             exchange.body_sent = True
@@ -873,7 +883,7 @@ class UpstreamConnection:
         if exchange is None:
             return
         if exchange.body_complete and not self.reading_paused:
-            self.deadline = self.loop.time() + self.read_timeout
+            self.deadline = self.gateway.now + self.read_timeout
         else:
             # The client is still sending (its pace, not the upstream's) or not reading.
             self.deadline = NEVER
@@ -944,7 +954,7 @@ class UpstreamConnection:
         self.head_done = True
         exchange.response_started = True
         self.keep_alive = parser.should_keep_alive()
-        now = self.loop.time()
+        now = self.gateway.now
         bodiless = exchange.method == b"HEAD" or status == 204 or status == 304
         client_keep_alive = exchange.keep_alive and not self.gateway.draining
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
