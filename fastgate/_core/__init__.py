@@ -13,7 +13,7 @@ import importlib
 
 from fastgate.settings import extensions_disabled
 
-MODULES = ("router", "proxy")
+MODULES = ("router", "proxy", "keys")
 
 EXTENSION_ERROR: str | None = None
 if extensions_disabled():
@@ -33,10 +33,12 @@ IMPLEMENTATION = "pure" if EXTENSION_ERROR is not None else "compiled"
 _package = "fastgate._core._pure" if EXTENSION_ERROR is not None else "fastgate._core"
 _router = importlib.import_module(f"{_package}.router")
 _proxy = importlib.import_module(f"{_package}.proxy")
+_keys = importlib.import_module(f"{_package}.keys")
 
 Router = _router.Router
 Match = _router.Match
 normalize_path = _router.normalize_path
 Gateway = _proxy.Gateway
+KeyIndex = _keys.KeyIndex
 
-__all__ = ["EXTENSION_ERROR", "IMPLEMENTATION", "Gateway", "Match", "Router", "normalize_path"]
+__all__ = ["EXTENSION_ERROR", "IMPLEMENTATION", "Gateway", "KeyIndex", "Match", "Router", "normalize_path"]

@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = ["SHA256_SOURCE", "KeyIndex"]
 
+# Also used by the compiled index, so both build with the same prefix and messages.
 SHA256_PREFIX = "sha256:"
 # Where the lookup's SHA-256 comes from; the compiled index says "openssl" when it calls libcrypto
 # directly.
@@ -32,7 +33,7 @@ _EMPTY_DIGEST = hashlib.sha256(b"").digest()
 _sha256 = hashlib.sha256
 
 
-def config_digest(key: Any, i: int) -> bytes:
+def _config_digest(key: Any, i: int) -> bytes:
     """The SHA-256 digest of entry `i`'s key, written plainly or as `sha256:<hex>`."""
     if not isinstance(key, str):
         raise TypeError(f"entries[{i}]: key must be str, not {type(key).__name__}")
@@ -58,7 +59,7 @@ class KeyIndex:
         digests: list[bytes] = []
         values: list[Any] = []
         for i, (key, value) in enumerate(entries):
-            digests.append(config_digest(key, i))
+            digests.append(_config_digest(key, i))
             values.append(value)
         first: dict[bytes, int] = {}
         for j, digest in enumerate(digests):
