@@ -13,9 +13,10 @@ measured side by side in one run (every figure is a ratio from the same run).
   p50/p99 and the proxy's CPU per request (utime+stime of its process tree from /proc).
   Then an open-loop run at the same offered rate (--rate) for each target, for latency at
   equal load, with bench/loadgen.py --rate.
-- SSE: --sse-streams concurrent streams of 20 events 10 ms apart per target: time to first
-  event, gap distortion (|arrival gap - send gap|) and events per read; then 5 streams through
-  fastgate while wrk loads it.
+- SSE: --sse-streams concurrent streams of 20 events 10 ms apart per target (after a warm-up
+  round), then 100 streams one at a time on a blocking socket, then 20 one at a time through
+  fastgate and nginx while wrk loads them: time to first event, gap distortion
+  (|arrival gap - send gap|) and events per read.
 - RSS of the fastgate worker after the runs.
 Writes <out>/e2e-<UTC time>.json and .md, and prints the Markdown.
 """
@@ -199,28 +200,51 @@ def run_load(target: Target, path: str, connections: int, duration: float, rate:
     return result
 
 
-async def _sse_stream(port: int, path: str) -> dict:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    sent_at = time.monotonic()
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
-    events: list[tuple[float, float]] = []  # (arrival, upstream send time)
-    max_per_read = 0
-    buffer = b""
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            break
+class _StreamReads:
+    """Arrival times of the events of one SSE stream, fed read by read."""
+
+    def __init__(self):
+        self.sent_at = time.monotonic()
+        self.events: list[tuple[float, float]] = []  # (arrival, upstream send time)
+        self.max_per_read = 0
+        self.tail = b""
+
+    def feed(self, data: bytes) -> bool:
+        """Record one read; True once the stream has ended."""
         now = time.monotonic()
         found = re.findall(rb"data: \d+ ([\d.]+)\n\n", data)
-        max_per_read = max(max_per_read, len(found))
-        events.extend((now, float(t)) for t in found)
-        buffer = (buffer + data)[-64:]
-        if b"[DONE]" in buffer and (buffer.endswith(b"\r\n\r\n") or buffer.endswith(b"\n\n")):
-            break
+        self.max_per_read = max(self.max_per_read, len(found))
+        self.events.extend((now, float(t)) for t in found)
+        self.tail = (self.tail + data)[-64:]
+        return b"[DONE]" in self.tail and (self.tail.endswith(b"\r\n\r\n") or self.tail.endswith(b"\n\n"))
+
+    def result(self) -> dict:
+        events = self.events
+        gaps = [abs((b[0] - a[0]) - (b[1] - a[1])) * 1000 for a, b in zip(events, events[1:])]
+        return {"ttfe_ms": (events[0][0] - self.sent_at) * 1000 if events else None, "events": len(events),
+                "gap_distortion_ms": gaps, "max_events_per_read": self.max_per_read}
+
+
+async def _sse_stream(port: int, path: str) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reads = _StreamReads()
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    while (data := await reader.read(65536)) and not reads.feed(data):
+        pass
     writer.close()
-    gaps = [abs((b[0] - a[0]) - (b[1] - a[1])) * 1000 for a, b in zip(events, events[1:])]
-    return {"ttfe_ms": (events[0][0] - sent_at) * 1000 if events else None, "events": len(events),
-            "gap_distortion_ms": gaps, "max_events_per_read": max_per_read}
+    return reads.result()
+
+
+def _sse_stream_blocking(port: int, path: str) -> dict:
+    """One stream on a plain blocking socket: no event loop between the kernel and the clock,
+    which is what a lone stream's time to first event should measure."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reads = _StreamReads()
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        while (data := sock.recv(65536)) and not reads.feed(data):
+            pass
+    return reads.result()
 
 
 def run_sse(port: int, streams: int, events: int = 20, interval: float = 0.01, one_at_a_time: bool = False) -> dict:
@@ -229,11 +253,12 @@ def run_sse(port: int, streams: int, events: int = 20, interval: float = 0.01, o
     path = f"/sse?n={events}&interval={interval}"
 
     async def all_streams():
-        if one_at_a_time:
-            return [await _sse_stream(port, path) for _ in range(streams)]
         return await asyncio.gather(*(_sse_stream(port, path) for _ in range(streams)))
 
-    results = asyncio.run(all_streams())
+    if one_at_a_time:
+        results = [_sse_stream_blocking(port, path) for _ in range(streams)]
+    else:
+        results = asyncio.run(all_streams())
     ttfe = sorted(r["ttfe_ms"] for r in results if r["ttfe_ms"] is not None)
     gaps = sorted(g for r in results for g in r["gap_distortion_ms"])
 
@@ -341,17 +366,21 @@ def main() -> int:
                 port = SSE_PORT if target.name == "direct" else target.port
                 run_sse(port, args.sse_streams)  # warm-up: the proxies' upstream pools fill
                 sse[target.name] = run_sse(port, args.sse_streams)
-                sse_lone[target.name] = run_sse(port, 20, one_at_a_time=True)
+                sse_lone[target.name] = run_sse(port, 100, events=5, one_at_a_time=True)
 
-        fastgate = next(t for t in targets if t.name == "fastgate")
         worker_pid = [p for p in tree_pids(gateway.pid) if p != gateway.pid][-1]
-        loaded = subprocess.Popen(pinned(1, ["wrk", "-t1", f"-c{args.connections}", "-d6s", fastgate.url + "/json"])
-                                  if shutil.which("wrk") else
-                                  pinned(1, [sys.executable, str(HERE / "loadgen.py"), fastgate.url + "/json",
-                                             "--duration", "6"]), stdout=subprocess.DEVNULL)
-        time.sleep(1.0)
-        sse_loaded = run_sse(fastgate.port, 5)
-        loaded.wait()
+        sse_loaded = {}
+        for target in targets:
+            if target.name not in ("fastgate", "nginx"):
+                continue
+            loaded = subprocess.Popen(
+                pinned(1, ["wrk", "-t1", f"-c{args.connections}", "-d6s", target.url + "/json"])
+                if shutil.which("wrk") else
+                pinned(1, [sys.executable, str(HERE / "loadgen.py"), target.url + "/json", "--duration", "6"]),
+                stdout=subprocess.DEVNULL)
+            time.sleep(1.0)
+            sse_loaded[target.name] = run_sse(target.port, 20, events=5, one_at_a_time=True)
+            loaded.wait()
         memory = rss_kib(worker_pid)
     finally:
         for process in reversed(processes):
@@ -374,7 +403,7 @@ def main() -> int:
         "settings": vars(args) | {"out": str(args.out)},
         "generator": closed["direct"][0]["generator"],
         "closed_loop": summary, "closed_loop_runs": closed, "open_loop": open_loop,
-        "sse": sse, "sse_one_at_a_time": sse_lone, "sse_fastgate_under_load": sse_loaded, "fastgate_worker_memory_kib": memory,
+        "sse": sse, "sse_one_at_a_time": sse_lone, "sse_under_full_load": sse_loaded, "fastgate_worker_memory_kib": memory,
     }
     markdown = render(report)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -410,12 +439,14 @@ def render(report: dict) -> str:
               "| target | achieved req/s | p50 ms | p99 ms |", "|---|---:|---:|---:|"]
     for name, row in report["open_loop"].items():
         lines.append(f"| {name} | {_f(row['rps'], 0)} | {_f(row['p50_ms'])} | {_f(row['p99_ms'])} |")
-    lines += ["", f"SSE: {report['settings']['sse_streams']} concurrent streams x 20 events 10 ms apart:", "",
+    lines += ["", f"SSE: {report['settings']['sse_streams']} concurrent streams x 20 events 10 ms apart (asyncio "
+              "client); one stream at a time: 100 (20 under load) streams x 5 events on a blocking socket:", "",
               "| target | intact | TTFE p50 ms | TTFE p99 ms | gap distortion p50 ms | p99 ms | max events/read |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     rows = (list(report["sse"].items())
             + [(f"{name}, one stream at a time", row) for name, row in report["sse_one_at_a_time"].items()]
-            + [("fastgate under full load (5 streams)", report["sse_fastgate_under_load"])])
+            + [(f"{name} under full load (wrk -c50), one stream at a time", row)
+               for name, row in report["sse_under_full_load"].items()])
     for name, row in rows:
         lines.append(f"| {name} | {row['intact_streams']}/{row['streams']} | {_f(row['ttfe_p50_ms'])} | "
                      f"{_f(row['ttfe_p99_ms'])} | {_f(row['gap_distortion_p50_ms'])} | "
