@@ -34,6 +34,11 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 import msgspec
 from msgspec import Meta
 
+# The router's reference implementations: a prefix path is valid when the router would leave it
+# as it is, and a path regex when the router can compile it.
+from fastgate._core._pure.router import normalize_path as _router_normalize_path
+from fastgate._core._pure.router import python_regex
+
 # ---------------------------------------------------------------------------------------------
 # Value checks (Kong's custom validators). Each returns an error message, or None when fine.
 
@@ -46,11 +51,7 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\.?")
 _HEADER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 _SERVICE_PATH_CHARS = re.compile(r"/[A-Za-z0-9._~/%:@!$&'()*+,;=\-]*")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_PERCENT_TRIPLET = re.compile(rb"%([0-9A-Fa-f]{2})")
-_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-# Reserved characters stay percent-encoded when Kong normalises a path (kong/tools/uri.lua).
-_RESERVED = frozenset(b"!*'();:@&=+$,/?%#[]")
 
 KongProtocol = Literal["grpc", "grpcs", "http", "https", "tcp", "tls", "tls_passthrough", "udp"]
 KONG_PROTOCOLS: tuple[str, ...] = get_args(KongProtocol)
@@ -143,45 +144,8 @@ def check_service_path(value: str) -> str | None:
 
 
 def normalize_path(path: str) -> str:
-    """Kong's `normalize(uri, merge_slashes=true)`: decode percent-encoded non-reserved bytes
-    (reserved ones stay encoded, in upper case), remove dot segments, merge slashes."""
-    raw = _PERCENT_TRIPLET.sub(_decode_unreserved, path.encode())
-    segments: list[bytes] = []
-    while raw:
-        if raw == b"/.":
-            raw = b"/"
-        elif raw == b"/..":
-            raw = b"/"
-            segments[-1:] = []
-        elif raw in (b".", b".."):
-            raw = b""
-        elif raw.startswith(b"../"):
-            raw = raw[3:]
-        elif raw.startswith(b"./"):
-            raw = raw[2:]
-        elif raw.startswith(b"/./"):
-            raw = raw[2:]
-        elif raw.startswith(b"/../"):
-            raw = raw[3:]
-            segments[-1:] = []
-        elif raw.startswith(b"//"):
-            raw = raw[1:]
-        else:
-            end = raw.find(b"/", 1)
-            end = len(raw) if end < 0 else end
-            segments.append(raw[:end])
-            raw = raw[end:]
-    return b"".join(segments).decode(errors="backslashreplace")
-
-
-def _decode_unreserved(triplet: re.Match[bytes]) -> bytes:
-    byte = int(triplet[1], 16)
-    return triplet[0].upper() if byte in _RESERVED else bytes((byte,))
-
-
-def python_regex(kong_regex: str) -> str:
-    """Kong's route regexes name groups `(?<name>...)`; Python's `re` spells it `(?P<name>...)`."""
-    return _NAMED_GROUP.sub("(?P<", kong_regex)
+    """Kong's `normalize(uri, merge_slashes=true)`, as the router applies it to requests."""
+    return _router_normalize_path(path.encode()).decode(errors="backslashreplace")
 
 
 def check_regex(kong_regex: str) -> str | None:

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["Match", "Router", "SubRoute", "compile_routes", "normalize_path"]
+__all__ = ["Match", "Router", "SubRoute", "compile_routes", "normalize_path", "python_regex"]
 
 # --------------------------------------------------------------------------------------------
 # Path normalisation (kong/tools/uri.lua `normalize(uri, merge_slashes=true)`)
@@ -205,6 +205,13 @@ def translate_regex(pattern: str) -> str:
 
 
 _LEADING_FLAGS = re.compile(r"\(\?[a-zA-Z]+\)")
+# `(?<name>` but not the look-behinds `(?<=` and `(?<!`.
+_NAMED_GROUP = re.compile(r"\(\?<(?=[A-Za-z_])")
+
+
+def python_regex(kong_regex: str) -> str:
+    """Kong's route regexes name groups `(?<name>...)`; Python's `re` spells it `(?P<name>...)`."""
+    return _NAMED_GROUP.sub("(?P<", kong_regex)
 
 
 def compile_path_regex(path: str) -> re.Pattern[bytes]:
@@ -212,7 +219,7 @@ def compile_path_regex(path: str) -> re.Pattern[bytes]:
 
     Leading global flags (`~(?i)/re`) go before the `^`: Python only accepts them first.
     """
-    body = path[1:].replace("?<", "?P<")
+    body = python_regex(path[1:])
     flags = _LEADING_FLAGS.match(body)
     head = flags[0] if flags else ""
     return re.compile(translate_regex(head + "^" + body[len(head) :]).encode())
