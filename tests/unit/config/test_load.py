@@ -365,3 +365,15 @@ def test_every_independent_problem_is_reported(plugins):
         "routes[0].name: uniqueness violation: 'routes' entity with name set to 'twin' already declared",
         "plugins[1].name: plugin 'cors' is not supported yet",
     ])
+
+
+def test_a_regex_the_validator_accepts_is_one_the_router_compiles():
+    from fastgate.config.compile import compile_snapshot
+
+    config = parse_config(
+        '_format_version: "3.0"\n'
+        "services: [{name: s, url: 'http://u.test', routes: [{name: r, paths: ['~/v(?<n>\\d+)(?<=1)/x']}]}]\n"
+    )
+    match = compile_snapshot(config).router.match(b"GET", b"h", b"/v11/x")
+    assert match is not None and match.captures["n"] == "11"
+    assert compile_snapshot(config).router.match(b"GET", b"h", b"/v12/x") is None
