@@ -67,7 +67,7 @@ cdef class ClientConnection:
     cdef public Gateway gateway
     cdef public object loop
     cdef public int listen_port
-    cdef public bytes listen_port_bytes
+    cdef public bytes forwarded_headers
     cdef public bytes scheme
     cdef public object transport
     cdef public object parser

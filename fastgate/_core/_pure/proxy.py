@@ -24,6 +24,7 @@ from httptools import HttpParserError, HttpParserUpgrade
 from fastgate import __version__
 
 SERVER_TOKEN = b"fastgate/" + __version__.encode()
+VIA_HTTP11 = b"1.1 " + SERVER_TOKEN
 log = logging.getLogger("fastgate.proxy")
 
 # A request head above 32 KiB or 100 header lines is refused with 431: nginx (and so Kong)
@@ -256,7 +257,7 @@ class ClientConnection:
         self.gateway = gateway
         self.loop = gateway.loop
         self.listen_port = listen_port
-        self.listen_port_bytes = b"%d" % listen_port
+        self.forwarded_headers = b""
         self.scheme = scheme
         self.transport = None
         self.parser = httptools.HttpRequestParser(self)
@@ -278,6 +279,10 @@ class ClientConnection:
         _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
+        # The upstream headers that are the same for every request of this connection.
+        self.forwarded_headers = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\nX-Real-IP: %s\r\n" % (
+            self.scheme, self.listen_port, self.peer
+        )
         gateway = self.gateway
         gateway.clients.add(self)
         gateway.stats.connections_accepted += 1
@@ -468,37 +473,34 @@ class ClientConnection:
         url = exchange.url
         query_at = url.find(b"?")
         raw_path = url if query_at < 0 else url[:query_at]
-        via = b"%s %s" % (exchange.http_version.encode(), SERVER_TOKEN)
         parts = [
             exchange.method, b" ", match.upstream_path, b" HTTP/1.1\r\nHost: ", match.upstream_host, b"\r\n",
         ]
         parts.extend(exchange.header_parts)
+        parts.append(self.forwarded_headers)
         parts.append(b"X-Forwarded-For: ")
         if exchange.forwarded_for:
             parts.append(exchange.forwarded_for)
             parts.append(b", ")
         parts.append(self.peer)
-        parts.append(b"\r\nX-Forwarded-Proto: ")
-        parts.append(self.scheme)
         parts.append(b"\r\nX-Forwarded-Host: ")
         parts.append(forwarded_host)
-        parts.append(b"\r\nX-Forwarded-Port: ")
-        parts.append(self.listen_port_bytes)
         parts.append(b"\r\nX-Forwarded-Path: ")
         parts.append(raw_path)
         prefix = match.stripped_prefix
         if prefix and prefix != b"/":
             parts.append(b"\r\nX-Forwarded-Prefix: ")
             parts.append(prefix)
-        parts.append(b"\r\nX-Real-IP: ")
-        parts.append(self.peer)
         parts.append(b"\r\nX-Fastgate-Request-Id: ")
         parts.append(exchange.request_id)
         parts.append(b"\r\nVia: ")
         if exchange.via:
             parts.append(exchange.via)
             parts.append(b", ")
-        parts.append(via)
+        if exchange.http_version == "1.1":
+            parts.append(VIA_HTTP11)
+        else:
+            parts.append(b"%s %s" % (exchange.http_version.encode(), SERVER_TOKEN))
         if exchange.chunked:
             parts.append(b"\r\nTransfer-Encoding: chunked")
         parts.append(b"\r\nConnection: keep-alive\r\n\r\n")
@@ -972,7 +974,8 @@ class UpstreamConnection:
         if self.via:
             parts.append(self.via)
             parts.append(b", ")
-        parts.append(b"1.1 %s\r\n" % SERVER_TOKEN)
+        parts.append(VIA_HTTP11)
+        parts.append(b"\r\n")
         if not self.has_server:
             parts.append(b"Server: %s\r\n" % SERVER_TOKEN)
         parts.append(
