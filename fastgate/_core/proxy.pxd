@@ -80,6 +80,7 @@ cdef class ClientConnection:
     cdef public int read_pauses
     cdef public int reject_status
     cdef public bint broken
+    cdef public bint lingering
     cdef public double deadline
 
     @cython.locals(exchange=Exchange, upstream=UpstreamConnection, pool=UpstreamPool)

@@ -774,3 +774,16 @@ def test_default_port_host_has_no_port(start_gateway, impl):
     assert response.status == 200 and response.body == b"ok"
     host_lines = [line for line in heads[0].split(b"\r\n") if line.lower().startswith(b"host:")]
     assert host_lines == [b"Host: 127.0.0.1"]
+
+
+@pytest.mark.parametrize("size", [256 * 1024, 8 * 1024 * 1024])
+def test_a_gateway_answer_to_an_upload_reaches_the_client(gateway, size):
+    # The gateway answers (404) before the client has sent its body. Closing at once would
+    # reset the connection under a client that is still sending, and it would see a reset
+    # instead of the answer; the gateway reads the rest of the body first (lingering close).
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    connection.request("POST", "/nowhere", body=b"x" * size)
+    response = connection.getresponse()
+    assert response.status == 404
+    assert json.loads(response.read())["message"] == "no Route matched with those values"
+    connection.close()

@@ -45,6 +45,11 @@ UPSTREAM_IDLE_SECONDS = 60.0
 # client_body_timeout, send_timeout).
 CLIENT_KEEPALIVE_SECONDS = 75.0
 CLIENT_STALL_SECONDS = 60.0
+# A response that went out before its request body ended is followed by a lingering close:
+# the rest of the body is read and dropped for up to 30 s (nginx's lingering_time), because
+# closing under a client that is still sending resets the connection and the client sees the
+# reset instead of the response (an early 401 or 404 on an upload).
+LINGER_SECONDS = 30.0
 # Timeouts are checked by one ticker per worker instead of a timer per request.
 TICK_SECONDS = 0.05
 CLIENT_CHECK_EVERY_TICKS = 20
@@ -270,6 +275,7 @@ class ClientConnection:
         self.read_pauses = 0
         self.reject_status = 0
         self.broken = False
+        self.lingering = False
         self.deadline = NEVER
 
     # -- uvloop callbacks ---------------------------------------------------------------------
@@ -292,7 +298,8 @@ class ClientConnection:
         if self.closed:
             return
         now = self.gateway.now = self.loop.time()
-        self.deadline = now + CLIENT_STALL_SECONDS
+        if not self.lingering:
+            self.deadline = now + CLIENT_STALL_SECONDS
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -437,6 +444,8 @@ class ClientConnection:
                 exchange.held_body.append(b"0\r\n\r\n")
         elif exchange.upstream is not None:
             exchange.upstream.request_sent()
+        if self.lingering:
+            self.close()  # the body the answer did not wait for has ended
 
     # -- the exchange -------------------------------------------------------------------------
 
@@ -587,6 +596,10 @@ class ClientConnection:
             exchange.held_body_size = 0
             self.resume_reading()
         if self.closed:
+            return
+        if not exchange.body_complete and exchange is self.parsing:
+            self.lingering = True
+            self.deadline = self.gateway.now + LINGER_SECONDS
             return
         if not exchange.keep_alive or not exchange.body_complete:
             self.close()
@@ -958,7 +971,8 @@ class UpstreamConnection:
         self.keep_alive = parser.should_keep_alive()
         now = self.gateway.now
         bodiless = exchange.method == b"HEAD" or status == 204 or status == 304
-        client_keep_alive = exchange.keep_alive and not self.gateway.draining
+        # A request body still coming in means a lingering close after this response.
+        client_keep_alive = exchange.keep_alive and exchange.body_complete and not self.gateway.draining
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
         parts.extend(self.header_parts)
         if not bodiless and not self.has_length:
