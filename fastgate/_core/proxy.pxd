@@ -50,7 +50,6 @@ cdef class Exchange:
     cdef public bint announced_body
     cdef public bint has_body
     cdef public bint body_complete
-    cdef public bint body_sent
     cdef public list held_body
     cdef public Py_ssize_t held_body_size
     cdef public bytes request_id

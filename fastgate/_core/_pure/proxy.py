@@ -242,7 +242,6 @@ class Exchange:
         self.announced_body = False
         self.has_body = False
         self.body_complete = False
-        self.body_sent = False
         self.held_body = []
         self.held_body_size = 0
         self.request_id = b""
@@ -881,7 +880,6 @@ class UpstreamConnection:
         exchange.head_written_at = self.gateway.now
         held = exchange.held_body
         if held:
-            exchange.body_sent = True
             self.transport.write(exchange.upstream_head + b"".join(held))
             exchange.held_body = []
             if exchange.held_body_size > MAX_HELD_BODY:
@@ -904,7 +902,6 @@ class UpstreamConnection:
             self.deadline = NEVER
 
     def send_body(self, body, chunked):
-        self.exchange.body_sent = True
         if chunked:
             self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
         else:
