@@ -190,6 +190,19 @@ class Supervisor:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def wait_ready(self) -> str | None:
+        """None once every worker is ready; else why not. A worker that dies while starting (a
+        port in use, an unreadable certificate) ends the wait at once, not after the timeout."""
+        deadline = self.loop.time() + READY_TIMEOUT_SECONDS
+        while not all(worker.ready.is_set() for worker in self.workers.values()):
+            for worker in self.workers.values():
+                if worker.process.poll() is not None:
+                    return f"worker {worker.index} exited with {worker.process.returncode} while starting"
+            if self.loop.time() > deadline:
+                return f"workers did not become ready within {READY_TIMEOUT_SECONDS:.0f} s"
+            await asyncio.sleep(MONITOR_SECONDS / 4)
+        return None
+
     async def run(self) -> int:
         try:
             self.source, self.configuration_hash = self.read_config()
@@ -197,15 +210,17 @@ class Supervisor:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             return 2
-        await self.start_admin()
+        try:
+            await self.start_admin()
+        except OSError as exc:
+            log.error("cannot listen on the admin address %s: %s",
+                      ", ".join(str(a) for a in self.settings.admin_listen), exc)
+            return 1
         for index in range(self.settings.workers):
             await self.start_worker(index)
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(w.ready.wait() for w in self.workers.values())), READY_TIMEOUT_SECONDS
-            )
-        except asyncio.TimeoutError:
-            log.error("workers did not become ready within %.0f s", READY_TIMEOUT_SECONDS)
+        failure = await self.wait_ready()
+        if failure:
+            log.error("%s; stopping", failure)
             self.stopping.set()
             await self.stop_workers()
             return 1

@@ -66,14 +66,18 @@ class Worker:
             context = server_ssl_context(self.settings)
         for address in self.settings.proxy_listen:
             scheme = b"https" if address.ssl else b"http"
-            server = await self.loop.create_server(
-                self.gateway.protocol_factory(address.port, scheme),
-                address.host,
-                address.port,
-                reuse_port=True,
-                backlog=LISTEN_BACKLOG,
-                ssl=context if address.ssl else None,
-            )
+            try:
+                server = await self.loop.create_server(
+                    self.gateway.protocol_factory(address.port, scheme),
+                    address.host,
+                    address.port,
+                    reuse_port=True,
+                    backlog=LISTEN_BACKLOG,
+                    ssl=context if address.ssl else None,
+                )
+            except OSError as exc:
+                log.error("worker %d: cannot listen on %s: %s", self.index, address, exc)
+                return 1
             self.servers.append(server)
         self.gateway.start()
         for signum in (signal.SIGTERM, signal.SIGINT):

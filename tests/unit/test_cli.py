@@ -75,3 +75,25 @@ def test_run_refuses_an_invalid_file_and_a_bad_environment(tmp_path):
     result = fastgate("run", "--config", str(path), env={"FASTGATE_WORKERS": "lots", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "FASTGATE_WORKERS: expected an integer from 1 to 1024, got 'lots'" in result.stderr
+
+
+def test_run_stops_at_once_when_a_worker_cannot_listen(tmp_path):
+    import socket
+    import time
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(VALID)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = fastgate("run", "--config", str(path), env={
+            "FASTGATE_PROXY_LISTEN": f"127.0.0.1:{port}", "FASTGATE_ADMIN_LISTEN": "off",
+            "FASTGATE_WORKERS": "1", "PATH": "/usr/bin:/bin",
+        })
+    assert result.returncode == 1
+    assert "worker 0 exited with 1 while starting" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "address already in use" in result.stderr.lower()
+    assert time.monotonic() - started < 15
