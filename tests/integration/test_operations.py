@@ -191,3 +191,23 @@ def test_demo_serves_the_mock_ai_upstream(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0
+
+
+def test_drain_gives_up_after_the_graceful_timeout(start_gateway, upstream, impl):
+    gateway = start_gateway(config_with(upstream, "/up"), impl=impl, env={"FASTGATE_GRACEFUL_TIMEOUT": "1"})
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"GET /up/sse?n=100&interval=0.1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        received = b""
+        while b"data: 0" not in received:
+            received += sock.recv(65536)
+        started = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # the stream is cut, as it must be once the graceful timeout has passed
+    assert gateway.process.wait(15) == 0
+    elapsed = time.monotonic() - started
+    assert elapsed > 0.9 and elapsed < 6, elapsed
+    assert b"[DONE]" not in received  # 100 events at 0.1 s would have taken 10 s
