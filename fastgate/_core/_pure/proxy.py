@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import os
-import socket
 
 import httptools
 from httptools import HttpParserError, HttpParserUpgrade
@@ -95,15 +94,6 @@ class ClientRejected(Exception):
 def error_body(message, request_id):
     # Kong's kong.response.error() template, byte for byte (behavior.md 0.1).
     return b'{\n  "message":"%s",\n  "request_id":"%s"\n}' % (message.encode(), request_id)
-
-
-def _set_nodelay(transport):
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # the peer may already be gone; the next write reports it
 
 
 class Stats:
@@ -280,8 +270,9 @@ class ClientConnection:
     # -- uvloop callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport):
+        # No TCP_NODELAY call here: uvloop sets it on every TCP transport (handles/tcp.pyx), so
+        # a small SSE event is not held back by Nagle; tests/unit/core/test_proxy_flow.py checks.
         self.transport = transport
-        _set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
         # The upstream headers that are the same for every request of this connection.
@@ -531,7 +522,8 @@ class ClientConnection:
         """Answer from the gateway: Kong's JSON error body with the request id."""
         body = error_body(message, exchange.request_id)
         latency = int((self.gateway.now - exchange.started) * 1000)
-        # A body the client is still sending is not read to its end: the connection closes.
+        # A body the client is still sending is read and dropped (lingering close, see finish),
+        # then the connection closes.
         keep_alive = exchange.keep_alive and exchange.body_complete and not self.gateway.draining
         exchange.keep_alive = keep_alive
         parts = [
@@ -786,8 +778,7 @@ class UpstreamConnection:
     # -- uvloop callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport):
-        self.transport = transport
-        _set_nodelay(transport)
+        self.transport = transport  # TCP_NODELAY: set by uvloop, as on the client side
         self.gateway.upstreams.add(self)
 
     def data_received(self, data):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import importlib
-import importlib.machinery
 import os
 import random
 import subprocess
@@ -26,12 +25,9 @@ HEX_ERROR = "expected 'sha256:' followed by 64 lowercase hexadecimal digits"
 EMPTY_ERROR = "empty key, which never matches"
 
 
-@pytest.fixture(params=list(MODULES))
-def impl(request: pytest.FixtureRequest) -> Any:
-    module = importlib.import_module(MODULES[request.param])
-    if request.param == "compiled":
-        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-    return module
+@pytest.fixture
+def impl(core_module) -> Any:
+    return core_module("keys")
 
 
 def hashed(key: bytes) -> str:

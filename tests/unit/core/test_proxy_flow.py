@@ -12,8 +12,6 @@ Run against both implementations, like test_router.py.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.machinery
 from typing import Any
 
 import pytest
@@ -26,13 +24,9 @@ BODY = b"b" * (2 * HIGH_WATER)
 REQUEST = b"POST /up/x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
 
 
-@pytest.fixture(params=["compiled", "pure"])
-def proxy(request: pytest.FixtureRequest) -> Any:
-    if request.param == "compiled":
-        module = importlib.import_module("fastgate._core.proxy")
-        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-        return module
-    return importlib.import_module("fastgate._core._pure.proxy")
+@pytest.fixture
+def proxy(core_module) -> Any:
+    return core_module("proxy")
 
 
 class FakeTransport:
@@ -129,3 +123,43 @@ def test_a_late_resume_writing_does_not_touch_the_client(proxy, loop):
     client.pause_reading()  # e.g. the next request's body waiting for a connection
     upstream.resume_writing()  # uvloop may still report the drain of the dropped connection
     assert not client.transport.reading
+
+
+def test_both_sides_have_tcp_nodelay(proxy):
+    # The proxy relies on uvloop setting TCP_NODELAY on every TCP transport: without it a small
+    # SSE event could wait for the previous segment's ACK (Nagle).
+    import socket
+
+    import uvloop
+
+    from tests.integration.conftest import free_port
+
+    async def check() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        upstream_port, gateway_port = free_port(), free_port()
+        upstream = await loop.create_server(asyncio.Protocol, "127.0.0.1", upstream_port)
+        config = parse_config(
+            '_format_version: "3.0"\n'
+            f"services: [{{name: s, url: 'http://127.0.0.1:{upstream_port}', routes: [{{name: r, paths: [/]}}]}}]\n"
+        )
+        gateway = proxy.Gateway(loop, compile_snapshot(config))
+        server = await loop.create_server(gateway.protocol_factory(gateway_port, b"http"), "127.0.0.1", gateway_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway_port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        for _ in range(100):
+            if gateway.upstreams:
+                break
+            await asyncio.sleep(0.01)
+        (client,) = gateway.clients
+        (upstream_connection,) = gateway.upstreams
+        flags = tuple(
+            side.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for side in (client, upstream_connection)
+        )
+        writer.close()
+        server.close()
+        upstream.close()
+        return flags
+
+    client_flag, upstream_flag = uvloop.run(check())
+    assert client_flag and upstream_flag

@@ -8,8 +8,6 @@ below: spec/fixtures/router_path_handling_tests.lua and spec/01-unit/08-router_s
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.machinery
 import random
 import uuid
 from typing import Any
@@ -17,17 +15,14 @@ from typing import Any
 import pytest
 
 from fastgate._core._pure import router as pure_router
+from tests.unit.core.conftest import load_core_module
 
 IDS = "e8fb37f1-102d-461e-9c51-6608a6bb81{:02d}"
 
 
-@pytest.fixture(params=["compiled", "pure"])
-def impl(request: pytest.FixtureRequest) -> Any:
-    if request.param == "compiled":
-        module = importlib.import_module("fastgate._core.router")
-        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
-        return module
-    return importlib.import_module("fastgate._core._pure.router")
+@pytest.fixture
+def impl(core_module) -> Any:
+    return core_module("router")
 
 
 @dataclasses.dataclass
@@ -852,7 +847,7 @@ def _outcome(m: Any) -> Any:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_compiled_matches_reference(seed):
-    compiled = importlib.import_module("fastgate._core.router")
+    compiled = load_core_module("router", "compiled")
     rng = random.Random(seed)
     routes = _random_routes(rng, 300)
     fast, reference = compiled.Router(routes), pure_router.Router(routes)
