@@ -20,9 +20,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from fastgate.config import ConfigError, load_config
     from fastgate.config.compile import compile_snapshot
 
-    path = args.path or load_settings().config
+    settings = load_settings()
+    path = args.path or settings.config
     if not path:
         print("fastgate validate: give a PATH or set FASTGATE_CONFIG", file=sys.stderr)
+        return EXIT_INVALID
+    if not _load_custom_plugins(settings):
         return EXIT_INVALID
     try:
         snapshot = compile_snapshot(load_config(path))
@@ -39,6 +42,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_custom_plugins(settings) -> bool:
+    from fastgate.plugins import PluginLoadError, load_custom
+
+    try:
+        load_custom(settings.plugins)
+    except PluginLoadError as exc:
+        print(exc, file=sys.stderr)
+        return False
+    return True
+
+
 def _serve(config_path: str, on_ready=None) -> int:
     import uvloop
 
@@ -47,6 +61,8 @@ def _serve(config_path: str, on_ready=None) -> int:
 
     settings = load_settings()
     configure_logging(settings.log_level)
+    if not _load_custom_plugins(settings):
+        return EXIT_INVALID
 
     async def supervise() -> int:
         return await Supervisor(settings, config_path, on_ready=on_ready).run()

@@ -40,6 +40,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: LogLevel = "info"
     no_extensions: bool = False
     graceful_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    # A team's own body for gateway-made errors: {message}, {status}, {request_id} replaced.
+    error_template: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    error_content_type: Annotated[str, msgspec.Meta(min_length=1)] = "application/json; charset=utf-8"
+    # The team's own plugins: comma-separated module:Class entries (fastgate/plugins/__init__.py).
+    plugins: str = ""
 
 
 # (variable, Settings field, expected form shown in errors, default shown in the README)
@@ -53,6 +58,9 @@ VARIABLES: tuple[tuple[str, str, str, str], ...] = (
     ("FASTGATE_LOG_LEVEL", "log_level", "one of debug, info, warning, error, critical", "info"),
     ("FASTGATE_NO_EXTENSIONS", "no_extensions", "a boolean: 1/0, true/false, yes/no, on/off", "0"),
     ("FASTGATE_GRACEFUL_TIMEOUT", "graceful_timeout", "a number of seconds >= 0", "30"),
+    ("FASTGATE_ERROR_TEMPLATE", "error_template", "a non-empty body template using {message}, {status} and {request_id}", "unset (Kong's JSON)"),
+    ("FASTGATE_ERROR_CONTENT_TYPE", "error_content_type", "a media type", "application/json; charset=utf-8"),
+    ("FASTGATE_PLUGINS", "plugins", "comma-separated module:Class entries", "unset"),
 )
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -13,7 +13,7 @@ import importlib
 
 from fastgate.settings import extensions_disabled
 
-MODULES = ("router", "proxy", "keys")
+MODULES = ("router", "proxy", "keys", "plugins")
 
 EXTENSION_ERROR: str | None = None
 if extensions_disabled():
@@ -34,11 +34,17 @@ _package = "fastgate._core._pure" if EXTENSION_ERROR is not None else "fastgate.
 _router = importlib.import_module(f"{_package}.router")
 _proxy = importlib.import_module(f"{_package}.proxy")
 _keys = importlib.import_module(f"{_package}.keys")
+# The plugin runtime and the built-in plugins' handlers, as a module (fastgate/plugins/*.py
+# subclass its classes); named plugin_core, not plugins, for the reason above.
+plugin_core = importlib.import_module(f"{_package}.plugins")
 
 Router = _router.Router
 Match = _router.Match
 normalize_path = _router.normalize_path
 Gateway = _proxy.Gateway
+ErrorTemplate = _proxy.ErrorTemplate
 KeyIndex = _keys.KeyIndex
 
-__all__ = ["EXTENSION_ERROR", "IMPLEMENTATION", "Gateway", "KeyIndex", "Match", "Router", "normalize_path"]
+__all__ = [
+    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "Router", "normalize_path", "plugin_core",
+]

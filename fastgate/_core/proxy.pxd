@@ -22,6 +22,8 @@ cdef class Gateway:
     cdef public unsigned long long tick_count
     cdef public object ticker
     cdef public object ssl_context
+    cdef public object error_template
+    cdef public unsigned long long connection_serial
     cdef public bytes request_id_prefix
     cdef public unsigned long long request_counter
     cdef public double now
@@ -33,6 +35,7 @@ cdef class Gateway:
 cdef class Exchange:
     cdef public object snapshot
     cdef public double started
+    cdef public ClientConnection client
     cdef public bytes url
     cdef public bytes method
     cdef public str http_version
@@ -42,7 +45,7 @@ cdef class Exchange:
     cdef public bytes via
     cdef public bytes connection_tokens
     cdef public list header_parts
-    cdef public dict route_headers
+    cdef public dict headers
     cdef public Py_ssize_t head_size
     cdef public Py_ssize_t header_lines
     cdef public bint keep_alive
@@ -60,6 +63,21 @@ cdef class Exchange:
     cdef public int attempts_left
     cdef public bint response_started
     cdef public UpstreamConnection upstream
+    cdef public int status
+    cdef public tuple chain
+    cdef public Py_ssize_t plugin_index
+    cdef public object consumer
+    cdef public object credential
+    cdef public object authenticated_groups
+    cdef public list upstream_extra
+    cdef public bytes upstream_path
+    cdef public bytes upstream_host
+    cdef public list responders
+    cdef public list body_filters
+    cdef public list loggers
+    cdef public bytes correlation_id
+    cdef public bint cors_preflight
+    cdef public dict plugin_data
 
 
 cdef class ClientConnection:
@@ -71,6 +89,9 @@ cdef class ClientConnection:
     cdef public object transport
     cdef public object parser
     cdef public bytes peer
+    cdef public bytes local_address
+    cdef public unsigned long long serial
+    cdef public unsigned long long requests
     cdef public Exchange parsing
     cdef public Exchange current
     cdef public list pending
@@ -82,13 +103,23 @@ cdef class ClientConnection:
     cdef public bint lingering
     cdef public double deadline
 
-    @cython.locals(exchange=Exchange, upstream=UpstreamConnection, pool=UpstreamPool)
+    @cython.locals(match=object, chain=tuple)
     cdef dispatch(self, Exchange exchange)
+    @cython.locals(chain=tuple, count=Py_ssize_t, run=object, slot=object)
+    cdef bint run_access(self, Exchange exchange, Py_ssize_t index)
+    cdef collect(self, Exchange exchange, object run)
+    @cython.locals(chain=tuple, position=Py_ssize_t)
+    cdef collect_rest(self, Exchange exchange, Py_ssize_t index)
+    cdef respond_exit(self, Exchange exchange, object result)
+    @cython.locals(upstream=UpstreamConnection, pool=UpstreamPool)
+    cdef forward(self, Exchange exchange)
     @cython.locals(parts=list)
     cdef bytes upstream_head(self, Exchange exchange, object match)
     cdef _drop_connection_listed(self, Exchange exchange)
     @cython.locals(parts=list)
     cdef respond_error(self, Exchange exchange, int status, str message, object extra_headers=*)
+    @cython.locals(parts=list, head=list)
+    cdef respond(self, Exchange exchange, int status, bytes content_type, bytes body, object extra_headers)
     @cython.locals(exchange=Exchange)
     cdef reject_request(self)
     @cython.locals(following=Exchange)
@@ -155,6 +186,7 @@ cdef class UpstreamConnection:
     cdef public list out
 
     cdef _reset_response(self)
+    cdef run_responders(self, Exchange exchange, int status)
     cpdef attach(self, ClientConnection client, Exchange exchange)
     cdef _arm_read_deadline(self)
     cpdef send_body(self, bytes body, bint chunked)

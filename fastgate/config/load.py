@@ -634,10 +634,10 @@ class _Normaliser:
             return
         if entry.key.startswith(KEY_SHA256_PREFIX):
             digest = entry.key[len(KEY_SHA256_PREFIX):].lower()
-            key = KEY_SHA256_PREFIX + digest
         else:
             digest = hashlib.sha256(entry.key.encode()).hexdigest()
-            key = entry.key
+        # Only the digest is kept: no plain key stays in the running configuration.
+        key = KEY_SHA256_PREFIX + digest
         # Compared by digest, so a key given plainly and as its hash is one key. The key stays out
         # of the message: configuration errors end up in logs.
         first = self.key_paths.setdefault(digest, path)
@@ -690,6 +690,13 @@ class _Normaliser:
         if entry.name is None:
             return
         config = self.plugin_config(entry, path)
+        plugin_class = PLUGINS.get(entry.name)
+        consumer_scoped = [field for field in ("consumer", "consumer_group") if scope.get(field) is not None]
+        if len(consumer_scoped) == 2:
+            self.fail(f"{path}.consumer_group", "a plugin is scoped to a consumer or to a consumer group, not both")
+        elif consumer_scoped and plugin_class is not None and not getattr(plugin_class, "CONSUMER_SCOPED", True):
+            self.fail(f"{path}.{consumer_scoped[0]}",
+                      f"value must be null (plugin '{entry.name}' cannot be scoped to a {consumer_scoped[0]})")
         if unresolved:
             return
         scope_ids = tuple(scope.get(field) or "" for field in _PLUGIN_SCOPES)

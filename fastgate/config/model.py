@@ -183,9 +183,17 @@ def check_route_header_value(value: str) -> str | None:
     return check_regex(value[2:]) if value.startswith("~*") else None
 
 
+# SHA-256 of the empty string: an empty key is never accepted, so its digest would never match.
+_EMPTY_KEY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
 def check_key(value: str) -> str | None:
-    if value.startswith(KEY_SHA256_PREFIX) and not _SHA256_HEX.fullmatch(value[len(KEY_SHA256_PREFIX):]):
-        return f"expected '{KEY_SHA256_PREFIX}' followed by 64 hexadecimal digits"
+    if value.startswith(KEY_SHA256_PREFIX):
+        digest = value[len(KEY_SHA256_PREFIX):]
+        if not _SHA256_HEX.fullmatch(digest):
+            return f"expected '{KEY_SHA256_PREFIX}' followed by 64 hexadecimal digits"
+        if digest.lower() == _EMPTY_KEY_SHA256:
+            return "the SHA-256 of the empty key: an empty key is never accepted"
     return None
 
 
@@ -432,7 +440,7 @@ class Consumer(Normalised, kw_only=True):
 class KeyAuthCredential(Normalised, kw_only=True):
     id: str
     consumer: str
-    # As given, except that a `sha256:` form has its hex digits in lower case.
+    # Always `sha256:<64 lowercase hex>`: a plain key in the file is hashed at load.
     key: str
     ttl: int | None
     tags: list[str]

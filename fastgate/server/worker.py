@@ -24,6 +24,7 @@ from fastgate import _core
 from fastgate.config import ConfigError, parse_config
 from fastgate.config.compile import Snapshot, compile_snapshot
 from fastgate.server.control import ControlChannel
+from fastgate.plugins import load_custom
 from fastgate.settings import Settings, load_settings
 
 log = logging.getLogger("fastgate.worker")
@@ -61,6 +62,10 @@ class Worker:
             return 1
         snapshot = build_snapshot(first["source"], first.get("origin", "<config>"))
         self.gateway = _core.Gateway(self.loop, snapshot)
+        if self.settings.error_template is not None:
+            self.gateway.error_template = _core.ErrorTemplate(
+                self.settings.error_template, self.settings.error_content_type
+            )
         context = None
         if any(address.ssl for address in self.settings.proxy_listen):
             context = server_ssl_context(self.settings)
@@ -151,6 +156,7 @@ def configure_logging(level: str) -> None:
 async def _main(fd: int, index: int) -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
+    load_custom(settings.plugins)  # the supervisor loaded them once already: they load
     channel = await ControlChannel.open(socket.socket(fileno=fd))
     return await Worker(settings, channel, index).run()
 

@@ -30,7 +30,7 @@ routes:
     paths: ["/v3"]
     service: nope
 plugins:
-  - name: key-auth
+  - name: prometheus
 """
 
 
@@ -54,7 +54,7 @@ def test_validate_reports_every_problem_with_its_path(tmp_path):
     lines = result.stderr.splitlines()
     assert "services[0].routes[1].paths[0]: must start with / or ~/" in lines
     assert "routes[0].service: invalid reference 'service: nope' (no such entry in 'services')" in lines
-    assert "plugins[0].name: plugin 'key-auth' is not supported yet" in lines
+    assert "plugins[0].name: plugin 'prometheus' is not supported yet" in lines
     assert "services[0].port: value should be between 0 and 65535" in lines
     assert len(lines) == 4
 

@@ -28,6 +28,9 @@ def test_every_variable_is_decoded():
             "FASTGATE_LOG_LEVEL": "DEBUG",
             "FASTGATE_NO_EXTENSIONS": "yes",
             "FASTGATE_GRACEFUL_TIMEOUT": "2.5",
+            "FASTGATE_ERROR_TEMPLATE": '{"error": {"code": {status}, "text": "{message}"}}',
+            "FASTGATE_ERROR_CONTENT_TYPE": "application/problem+json",
+            "FASTGATE_PLUGINS": "teamplugins.audit:Audit",
         }
     )
     assert settings.config == "/etc/fastgate/gateway.yaml"
@@ -39,10 +42,13 @@ def test_every_variable_is_decoded():
     assert settings.log_level == "debug"
     assert settings.no_extensions is True
     assert settings.graceful_timeout == 2.5
+    assert settings.error_template == '{"error": {"code": {status}, "text": "{message}"}}'
+    assert settings.error_content_type == "application/problem+json"
+    assert settings.plugins == "teamplugins.audit:Audit"
     assert {v[0] for v in VARIABLES} == {
         "FASTGATE_CONFIG", "FASTGATE_PROXY_LISTEN", "FASTGATE_ADMIN_LISTEN", "FASTGATE_WORKERS",
         "FASTGATE_SSL_CERT", "FASTGATE_SSL_CERT_KEY", "FASTGATE_LOG_LEVEL", "FASTGATE_NO_EXTENSIONS",
-        "FASTGATE_GRACEFUL_TIMEOUT",
+        "FASTGATE_GRACEFUL_TIMEOUT", "FASTGATE_ERROR_TEMPLATE", "FASTGATE_ERROR_CONTENT_TYPE", "FASTGATE_PLUGINS",
     }
 
 

@@ -22,6 +22,8 @@ from httptools import HttpParserError, HttpParserUpgrade
 
 from fastgate import __version__
 
+from .plugins import Exit
+
 SERVER_TOKEN = b"fastgate/" + __version__.encode()
 VIA_HTTP11 = b"1.1 " + SERVER_TOKEN
 log = logging.getLogger("fastgate.proxy")
@@ -85,6 +87,7 @@ MSG_BAD_REQUEST = "Bad request"
 MSG_HEAD_TOO_LARGE = "Request header or cookie too large"
 MSG_URI_TOO_LONG = "Request-URI too long"
 MSG_UNEXPECTED = "An unexpected error occurred"
+JSON_TYPE = b"application/json; charset=utf-8"
 
 
 class ClientRejected(Exception):
@@ -94,6 +97,22 @@ class ClientRejected(Exception):
 def error_body(message, request_id):
     # Kong's kong.response.error() template, byte for byte (behavior.md 0.1).
     return b'{\n  "message":"%s",\n  "request_id":"%s"\n}' % (message.encode(), request_id)
+
+
+class ErrorTemplate:
+    """FASTGATE_ERROR_TEMPLATE: a team's own error body, with `{message}`, `{status}` and
+    `{request_id}` replaced (the message JSON-escaped, since templates are mostly JSON)."""
+
+    def __init__(self, template, content_type):
+        self.template = template
+        self.content_type = content_type.encode()
+
+    def render(self, status, message, request_id):
+        escaped = message.replace("\\", "\\\\").replace('"', '\\"')
+        return (
+            self.template.replace("{message}", escaped).replace("{status}", str(status))
+            .replace("{request_id}", request_id.decode()).encode()
+        )
 
 
 class Stats:
@@ -119,6 +138,8 @@ class Gateway:
         self.tick_count = 0
         self.ticker = None
         self.ssl_context = None
+        self.error_template = None
+        self.connection_serial = 0
         # The loop's clock as read at the start of the current uvloop callback: every read of
         # a client or upstream sets it, and the rest of that callback uses it. One clock read
         # per read instead of nine per exchange (about 0.1 us each).
@@ -215,6 +236,7 @@ class Exchange:
     def __init__(self, snapshot, started):
         self.snapshot = snapshot
         self.started = started
+        self.client = None
         self.url = b""
         self.method = b""
         self.http_version = "1.1"
@@ -224,7 +246,9 @@ class Exchange:
         self.via = b""
         self.connection_tokens = b""
         self.header_parts = []
-        self.route_headers = None
+        # The headers someone looks at by name (routes, plugins), by canonical name
+        # (plugins.canonical_header): only those, so nobody pays for a dict of every header.
+        self.headers = None
         self.head_size = 0
         self.header_lines = 0
         self.keep_alive = True
@@ -242,6 +266,24 @@ class Exchange:
         self.attempts_left = 0
         self.response_started = False
         self.upstream = None
+        self.status = 0
+        # Plugins (fastgate/_core/_pure/plugins.py): the route's slots, where the access
+        # phase resumes after a plugin waited, who authenticated, what goes upstream in
+        # addition or instead, and which plugins' later phases run.
+        self.chain = None
+        self.plugin_index = 0
+        self.consumer = None
+        self.credential = None
+        self.authenticated_groups = None
+        self.upstream_extra = None
+        self.upstream_path = b""
+        self.upstream_host = b""
+        self.responders = None
+        self.body_filters = None
+        self.loggers = None
+        self.correlation_id = b""
+        self.cors_preflight = False
+        self.plugin_data = None
 
 
 class ClientConnection:
@@ -256,6 +298,9 @@ class ClientConnection:
         self.transport = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = b""
+        self.local_address = b""
+        self.serial = 0
+        self.requests = 0
         self.parsing = None
         self.current = None
         self.pending = None
@@ -275,6 +320,8 @@ class ClientConnection:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b""
+        local = transport.get_extra_info("sockname")
+        self.local_address = local[0].encode() if local else b""
         # The upstream headers that are the same for every request of this connection.
         self.forwarded_headers = b"X-Forwarded-Proto: %s\r\nX-Forwarded-Port: %d\r\nX-Real-IP: %s\r\n" % (
             self.scheme, self.listen_port, self.peer
@@ -282,6 +329,8 @@ class ClientConnection:
         gateway = self.gateway
         gateway.clients.add(self)
         gateway.stats.connections_accepted += 1
+        gateway.connection_serial += 1
+        self.serial = gateway.connection_serial
         self.deadline = self.loop.time() + CLIENT_KEEPALIVE_SECONDS
 
     def data_received(self, data):
@@ -339,7 +388,9 @@ class ClientConnection:
     def on_message_begin(self):
         gateway = self.gateway
         gateway.stats.total_requests += 1
-        self.parsing = Exchange(gateway.snapshot, gateway.now)
+        self.requests += 1
+        exchange = self.parsing = Exchange(gateway.snapshot, gateway.now)
+        exchange.client = self
 
     def on_url(self, url):
         exchange = self.parsing
@@ -377,11 +428,14 @@ class ClientConnection:
         parts.append(b": ")
         parts.append(value)
         parts.append(b"\r\n")
-        route_header_names = exchange.snapshot.router.header_names
-        if route_header_names and lower in route_header_names:
-            if exchange.route_headers is None:
-                exchange.route_headers = {}
-            exchange.route_headers.setdefault(lower, []).append(value)
+        watched = exchange.snapshot.watched_headers
+        if watched:
+            if lower not in watched and b"_" in lower:
+                lower = lower.replace(b"_", b"-")
+            if lower in watched:
+                if exchange.headers is None:
+                    exchange.headers = {}
+                exchange.headers.setdefault(lower, []).append(value)
 
     def on_headers_complete(self):
         if self.closed:
@@ -440,18 +494,121 @@ class ClientConnection:
     # -- the exchange -------------------------------------------------------------------------
 
     def dispatch(self, exchange):
-        """Route the request and hand it to an upstream connection (or answer it)."""
+        """Route the request, run the access phase, hand it to an upstream connection (or
+        answer it)."""
         if not exchange.has_host and exchange.http_version == "1.1":
             self.respond_error(exchange, 400, MSG_BAD_REQUEST)
             return
-        match = exchange.snapshot.router.match(
-            exchange.method, exchange.host, exchange.url, exchange.route_headers,
-            self.listen_port, self.scheme,
+        snapshot = exchange.snapshot
+        match = snapshot.router.match(
+            exchange.method, exchange.host, exchange.url, exchange.headers, self.listen_port, self.scheme,
         )
         if match is None:
             self.respond_error(exchange, 404, MSG_NO_ROUTE)
             return
         exchange.match = match
+        # A route without a service still runs its plugins (request-termination is made for
+        # it); an https redirect happens before any plugin, as in Kong.
+        if match.error_status and match.service is not None:
+            self.respond_error(exchange, match.error_status, match.error_message, match.error_headers)
+            return
+        chains = snapshot.chains
+        if chains:
+            chain = chains.get(match.route.id)
+            if chain is not None:
+                exchange.chain = chain
+                if not self.run_access(exchange, 0):
+                    return
+        self.forward(exchange)
+
+    def run_access(self, exchange, index):
+        """Run the access phase from slot `index`: True when the request goes on upstream,
+        False when a plugin answered it or is waiting (access_resumed continues)."""
+        chain = exchange.chain
+        count = len(chain)
+        scheme = self.scheme
+        while index < count:
+            slot = chain[index]
+            index += 1
+            run = slot.choose(exchange.consumer) if slot.dynamic else slot.static
+            if run is None or scheme not in run.protocols:
+                continue
+            self.collect(exchange, run)
+            if run.access is None:
+                continue
+            try:
+                result = run.access(exchange)
+            except Exception:
+                log.exception("plugin '%s' failed in its access phase", run.name)
+                result = Exit(500, MSG_UNEXPECTED)
+            if result is None:
+                continue
+            if type(result) is Exit:
+                self.collect_rest(exchange, index)
+                self.respond_exit(exchange, result)
+                return False
+            # A plugin that must wait (e.g. for Redis) returns a future: this request waits,
+            # the others go on, and no Task is made for it.
+            exchange.plugin_index = index
+            if not asyncio.isfuture(result):
+                result = asyncio.ensure_future(result, loop=self.loop)
+            result.add_done_callback(functools.partial(self.access_resumed, exchange))
+            return False
+        return True
+
+    def access_resumed(self, exchange, future):
+        """A plugin's awaited result is there: go on with the access phase."""
+        self.gateway.now = self.loop.time()
+        if self.closed or self.current is not exchange:
+            return
+        if future.cancelled():
+            result = Exit(500, MSG_UNEXPECTED)
+        elif future.exception() is not None:
+            log.error("a plugin failed in its access phase", exc_info=future.exception())
+            result = Exit(500, MSG_UNEXPECTED)
+        else:
+            result = future.result()
+        if type(result) is Exit:
+            self.collect_rest(exchange, exchange.plugin_index)
+            self.respond_exit(exchange, result)
+        elif self.run_access(exchange, exchange.plugin_index):
+            self.forward(exchange)
+
+    def collect(self, exchange, run):
+        """Note the plugin's later phases (response head, body chunks, log)."""
+        if run.response is not None:
+            if exchange.responders is None:
+                exchange.responders = []
+            exchange.responders.append(run.response)
+        if run.body is not None:
+            if exchange.body_filters is None:
+                exchange.body_filters = []
+            exchange.body_filters.append(run.body)
+        if run.log is not None:
+            if exchange.loggers is None:
+                exchange.loggers = []
+            exchange.loggers.append(run.log)
+
+    def collect_rest(self, exchange, index):
+        """After a plugin ended the request, the later plugins' access is skipped but their
+        response and log phases still run (behavior.md 3.1)."""
+        chain = exchange.chain
+        scheme = self.scheme
+        for position in range(index, len(chain)):
+            slot = chain[position]
+            run = slot.choose(exchange.consumer) if slot.dynamic else slot.static
+            if run is not None and scheme in run.protocols:
+                self.collect(exchange, run)
+
+    def respond_exit(self, exchange, result):
+        if result.body is None:
+            self.respond_error(exchange, result.status, result.message, result.headers)
+        else:
+            self.respond(exchange, result.status, result.content_type, result.body, result.headers)
+
+    def forward(self, exchange):
+        """Hand the request to a pooled or new upstream connection."""
+        match = exchange.match
         if match.error_status:
             self.respond_error(exchange, match.error_status, match.error_message, match.error_headers)
             return
@@ -473,9 +630,12 @@ class ClientConnection:
         query_at = url.find(b"?")
         raw_path = url if query_at < 0 else url[:query_at]
         parts = [
-            exchange.method, b" ", match.upstream_path, b" HTTP/1.1\r\nHost: ", match.upstream_host, b"\r\n",
+            exchange.method, b" ", exchange.upstream_path or match.upstream_path, b" HTTP/1.1\r\nHost: ",
+            exchange.upstream_host or match.upstream_host, b"\r\n",
         ]
         parts.extend(exchange.header_parts)
+        if exchange.upstream_extra is not None:
+            parts.extend(exchange.upstream_extra)
         parts.append(self.forwarded_headers)
         parts.append(b"X-Forwarded-For: ")
         if exchange.forwarded_for:
@@ -519,21 +679,41 @@ class ClientConnection:
         exchange.header_parts = kept
 
     def respond_error(self, exchange, status, message, extra_headers=()):
-        """Answer from the gateway: Kong's JSON error body with the request id."""
-        body = error_body(message, exchange.request_id)
+        """Answer from the gateway: Kong's JSON error body with the request id (or the team's
+        FASTGATE_ERROR_TEMPLATE)."""
+        template = self.gateway.error_template
+        if template is None:
+            self.respond(exchange, status, JSON_TYPE, error_body(message, exchange.request_id), extra_headers)
+        else:
+            body = template.render(status, message, exchange.request_id)
+            self.respond(exchange, status, template.content_type, body, extra_headers)
+
+    def respond(self, exchange, status, content_type, body, extra_headers):
+        """Answer from the gateway with `body`; the response phase of the plugins collected so
+        far runs on the head."""
         latency = int((self.gateway.now - exchange.started) * 1000)
         # A body the client is still sending is read and dropped (lingering close, see finish),
         # then the connection closes.
         keep_alive = exchange.keep_alive and exchange.body_complete and not self.gateway.draining
         exchange.keep_alive = keep_alive
-        parts = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
-            b"Content-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n" % len(body),
-            b"Server: %s\r\nX-Fastgate-Request-Id: %s\r\nX-Fastgate-Response-Latency: %d\r\n"
-            % (SERVER_TOKEN, exchange.request_id, latency),
-        ]
+        exchange.status = status
+        head = []
+        if content_type:
+            head.extend((b"Content-Type", b": ", content_type, b"\r\n"))
         for name, value in extra_headers:
-            parts.append(b"%s: %s\r\n" % (name, value))
+            head.extend((name, b": ", value, b"\r\n"))
+        if exchange.responders is not None:
+            for responder in exchange.responders:
+                try:
+                    responder(exchange, status, head)
+                except Exception:
+                    log.exception("a plugin failed in its response phase")
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))]
+        parts.extend(head)
+        parts.append(
+            b"Content-Length: %d\r\nServer: %s\r\nX-Fastgate-Request-Id: %s\r\nX-Fastgate-Response-Latency: %d\r\n"
+            % (len(body), SERVER_TOKEN, exchange.request_id, latency)
+        )
         parts.append(b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
         if exchange.method != b"HEAD":
             parts.append(body)
@@ -580,6 +760,9 @@ class ClientConnection:
         if self.current is not exchange:
             return
         self.current = None
+        if exchange.loggers is not None:
+            # Off the client's path: after this callback, once the next request was dispatched.
+            self.loop.call_soon(run_loggers, exchange)
         if exchange.held_body_size > MAX_HELD_BODY:
             # Answered (an error) before an upstream connection took the held body: the pause
             # that holding it put on the client's reads must not outlive the exchange, or the
@@ -641,6 +824,22 @@ class ClientConnection:
 
     def expire(self):
         self.close()
+
+
+def without_length(parts):
+    kept = []
+    for index in range(0, len(parts), 4):
+        if parts[index].lower() != b"content-length":
+            kept.extend(parts[index:index + 4])
+    return kept
+
+
+def run_loggers(exchange):
+    for logger in exchange.loggers:
+        try:
+            logger(exchange, exchange.status)
+        except Exception:
+            log.exception("a plugin failed in its log phase")
 
 
 class UpstreamPool:
@@ -956,15 +1155,23 @@ class UpstreamConnection:
             return
         self.head_done = True
         exchange.response_started = True
+        exchange.status = status
         self.keep_alive = parser.should_keep_alive()
+        if exchange.responders is not None:
+            self.run_responders(exchange, status)
         now = self.gateway.now
         bodiless = exchange.method == b"HEAD" or status == 204 or status == 304
         # A request body still coming in means a lingering close after this response.
         client_keep_alive = exchange.keep_alive and exchange.body_complete and not self.gateway.draining
+        length_to_client = self.has_length
+        if exchange.body_filters is not None and length_to_client and not bodiless:
+            # A body filter may change the length: the client gets the body chunked instead.
+            self.header_parts = without_length(self.header_parts)
+            length_to_client = False
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason)]
         parts.extend(self.header_parts)
-        if not bodiless and not self.has_length:
-            if not self.upstream_chunked:
+        if not bodiless and not length_to_client:
+            if not self.upstream_chunked and not self.has_length:
                 self.until_eof = True
             if exchange.http_version == "1.1":
                 self.chunk_out = True
@@ -996,7 +1203,26 @@ class UpstreamConnection:
             self.complete = True
             self.parser = httptools.HttpResponseParser(self)
 
+    def run_responders(self, exchange, status):
+        parts = self.header_parts
+        for responder in exchange.responders:
+            try:
+                responder(exchange, status, parts)
+            except Exception:
+                log.exception("a plugin failed in its response phase")
+        self.header_parts = parts
+        self.has_server = False
+        for index in range(0, len(parts), 4):
+            if parts[index].lower() == b"server":
+                self.has_server = True
+
     def on_body(self, body):
+        body_filters = self.exchange.body_filters
+        if body_filters is not None:
+            for body_filter in body_filters:
+                body = body_filter(self.exchange, body)
+            if not body:
+                return  # a filter held the chunk back; an empty chunk would end a chunked body
         if self.chunk_out:
             self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:

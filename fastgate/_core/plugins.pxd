@@ -1,0 +1,152 @@
+# Augmenting declarations for fastgate/_core/_pure/plugins.py (compiled as fastgate._core.plugins):
+# the plugin runtime and the built-in plugins' handlers become cdef classes with typed attributes.
+cimport cython
+
+
+cdef class Exit:
+    cdef public int status
+    cdef public object message
+    cdef public object headers
+    cdef public object body
+    cdef public object content_type
+
+
+cdef class PluginRun:
+    cdef public str name
+    cdef public long priority
+    cdef public object instance
+    cdef public frozenset protocols
+    cdef public object access
+    cdef public object response
+    cdef public object body
+    cdef public object log
+
+
+cdef class Slot:
+    cdef public PluginRun static
+    cdef public int static_level
+    cdef public dict by_consumer
+    cdef public dict by_group
+    cdef public bint dynamic
+
+    @cython.locals(best=PluginRun, level=int, hit=tuple)
+    cpdef PluginRun choose(self, object consumer)
+
+
+cdef class ConsumerInfo:
+    cdef public str id
+    cdef public object username
+    cdef public object custom_id
+    cdef public tuple acl_groups
+    cdef public frozenset acl_group_set
+    cdef public tuple group_ids
+    cdef public tuple group_names
+    cdef public bytes identity_lines
+    cdef public bytes groups_line
+    cdef public bytes groups_with_consumer_groups_line
+
+    cpdef bytes consumer_lines(self)
+
+
+cdef class CredentialInfo:
+    cdef public str id
+    cdef public ConsumerInfo consumer
+    cdef public double expires_at
+    cdef public bytes lines
+
+    cpdef bytes upstream_lines(self)
+
+
+cdef class PluginContext:
+    cdef public dict consumers
+    cdef public dict consumers_by_username
+    cdef public object key_index
+
+
+cdef class KeyAuthHandler:
+    cdef public tuple key_names
+    cdef public bint key_in_header
+    cdef public bint key_in_query
+    cdef public bint hide_credentials
+    cdef public bint run_on_preflight
+    cdef public object index
+    cdef public object anonymous_reference
+    cdef public ConsumerInfo anonymous
+    cdef public tuple challenge
+    cdef public tuple watched_headers
+
+    @cython.locals(headers=dict, values=list, credential=CredentialInfo)
+    cpdef authenticate(self, object exchange)
+
+
+cdef class AclHandler:
+    cdef public bint allow
+    cdef public frozenset groups
+    cdef public bint hide_groups_header
+    cdef public bint always_use_authenticated_groups
+    cdef public bint include_consumer_groups
+    cdef public Exit forbidden
+    cdef public Exit unauthorized
+    cdef public tuple watched_headers
+
+
+cdef class RequestTerminationHandler:
+    cdef public int status
+    cdef public bint echo
+    cdef public bytes trigger
+    cdef public tuple watched_headers
+    cdef public bytes body
+    cdef public bytes content_type
+
+
+cdef class CorrelationIdHandler:
+    cdef public bytes name
+    cdef public bytes canonical
+    cdef public str generator
+    cdef public bint echo_downstream
+    cdef public tuple watched_headers
+    cdef public bytes worker_uuid
+    cdef public unsigned long long counter
+    cdef public long pid
+
+
+cdef class CorsHandler:
+    cdef public bint any_origin
+    cdef public object single_origin
+    cdef public set plain
+    cdef public list patterns
+    cdef public bytes headers
+    cdef public bytes exposed
+    cdef public bytes methods
+    cdef public bytes max_age
+    cdef public bint credentials
+    cdef public bint private_network
+    cdef public bint preflight_continue
+    cdef public bint allow_origin_absent
+    cdef public tuple watched_headers
+
+
+cdef class HeaderEdits:
+    cdef public frozenset remove
+    cdef public tuple rename
+    cdef public tuple replace
+    cdef public tuple add
+    cdef public tuple append
+    cdef public bint empty
+
+
+cdef class RequestTransformerHandler:
+    cdef public bytes method
+    cdef public object uri
+    cdef public HeaderEdits headers
+    cdef public object host
+    cdef public frozenset query_remove
+    cdef public tuple query_rename
+    cdef public tuple query_replace
+    cdef public tuple query_add
+    cdef public tuple query_append
+    cdef public bint query
+
+
+cdef class ResponseTransformerHandler:
+    cdef public HeaderEdits headers

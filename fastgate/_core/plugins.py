@@ -1,0 +1,1 @@
+_pure/plugins.py
