@@ -95,7 +95,7 @@ cdef class RequestTerminationHandler:
     cdef public bint echo
     cdef public bytes trigger
     cdef public tuple watched_headers
-    cdef public bytes body
+    cdef public bytes exit_body
     cdef public bytes content_type
 
 

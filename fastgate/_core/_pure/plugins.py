@@ -108,6 +108,13 @@ class Exit:
         self.content_type = content_type
 
 
+def _phase(instance, name):
+    method = getattr(instance, name, None)
+    if method is not None and not callable(method):
+        raise TypeError(f"{type(instance).__name__}.{name} is a phase name and must be a method")
+    return method
+
+
 class PluginRun:
     """One plugin instance as a request runs it: its phase methods bound once."""
 
@@ -116,10 +123,10 @@ class PluginRun:
         self.priority = priority
         self.instance = instance
         self.protocols = frozenset(protocol.encode() for protocol in protocols)
-        self.access = getattr(instance, "access", None)
-        self.response = getattr(instance, "response", None)
-        self.body = getattr(instance, "body", None)
-        self.log = getattr(instance, "log", None)
+        self.access = _phase(instance, "access")
+        self.response = _phase(instance, "response")
+        self.body = _phase(instance, "body")
+        self.log = _phase(instance, "log")
 
 
 class Slot:
@@ -428,11 +435,11 @@ class RequestTerminationHandler:
         self.trigger = canonical_header(config.trigger.encode()) if config.trigger else b""
         self.watched_headers = (self.trigger,) if self.trigger else ()
         if config.body is not None:
-            self.body = config.body.encode()
+            self.exit_body = config.body.encode()
             self.content_type = (config.content_type or "application/json; charset=utf-8").encode()
         else:
             message = config.message if config.message is not None else _TERMINATION_MESSAGES.get(self.status)
-            self.body = b"" if message is None else ('{"message":' + _json_string(message) + "}").encode()
+            self.exit_body = b"" if message is None else ('{"message":' + _json_string(message) + "}").encode()
             self.content_type = JSON_TYPE if message is not None else b""
 
     def access(self, exchange):
@@ -444,7 +451,7 @@ class RequestTerminationHandler:
                 return None
         if self.echo:
             return Exit(self.status, None, (), self.echo_body(exchange), JSON_TYPE)
-        return Exit(self.status, None, (), self.body, self.content_type)
+        return Exit(self.status, None, (), self.exit_body, self.content_type)
 
     def echo_body(self, exchange):
         parts = exchange.header_parts

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import os
+from http import HTTPStatus
 
 import httptools
 from httptools import HttpParserError, HttpParserUpgrade
@@ -72,14 +73,8 @@ _RESPONSE_DROPPED = frozenset(
 # A stale pooled connection is retried once for these (RFC 9110 9.2.2).
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-_REASONS = {
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
-    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large",
-    414: b"URI Too Long", 426: b"Upgrade Required", 429: b"Too Many Requests",
-    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout", 301: b"Moved Permanently",
-    302: b"Found", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
-}
+# Reason phrases for the statuses the gateway answers with itself (plugins may use any).
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 MSG_NO_ROUTE = "no Route matched with those values"
 MSG_BAD_GATEWAY = "An invalid response was received from the upstream server"
 MSG_TIMEOUT = "The upstream server is timing out"

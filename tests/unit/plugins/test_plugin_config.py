@@ -1,0 +1,120 @@
+"""The built-in plugins' config schemas as the loader checks them (Kong's fields and rules)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastgate.config import ConfigError, parse_config
+from fastgate.plugins import PLUGINS, PluginLoadError, load_custom
+
+
+def load(plugins: list[dict], **document):
+    return parse_config(json.dumps({
+        "_format_version": "3.0",
+        "consumers": [{"username": "bob"}],
+        "consumer_groups": [{"name": "gold"}],
+        "plugins": plugins,
+        **document,
+    }))
+
+
+def problems(plugins: list[dict]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(plugins)
+    return [str(problem) for problem in caught.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "problem"),
+    [
+        ({"name": "acl", "config": {}},
+         "plugins[0].config: at least one of these fields must be non-empty: 'config.allow', 'config.deny'"),
+        ({"name": "acl", "config": {"allow": ["a"], "deny": ["b"]}},
+         "plugins[0].config: only one of these fields must be non-empty: 'config.allow', 'config.deny'"),
+        ({"name": "acl", "config": {"allow": ["a"], "whitelist": ["a"]}}, "plugins[0].config.whitelist: unknown field"),
+        ({"name": "key-auth", "config": {"key_names": []}}, "plugins[0].config.key_names: length must be at least 1"),
+        ({"name": "key-auth", "config": {"key_names": ["a b"]}}, "plugins[0].config.key_names[0]: invalid value: a b"),
+        ({"name": "key-auth", "config": {"key_in_body": True}},
+         "plugins[0].config: key_in_body: reading keys from the request body is not supported by fastgate yet"),
+        ({"name": "key-auth", "consumer": "bob"},
+         "plugins[0].consumer: value must be null (plugin 'key-auth' cannot be scoped to a consumer)"),
+        ({"name": "acl", "consumer_group": "gold", "config": {"allow": ["a"]}},
+         "plugins[0].consumer_group: value must be null (plugin 'acl' cannot be scoped to a consumer_group)"),
+        ({"name": "cors", "consumer": "bob"},
+         "plugins[0].consumer: value must be null (plugin 'cors' cannot be scoped to a consumer)"),
+        ({"name": "correlation-id", "consumer": "bob", "consumer_group": "gold"},
+         "plugins[0].consumer_group: a plugin is scoped to a consumer or to a consumer group, not both"),
+        ({"name": "correlation-id", "config": {"generator": "random"}},
+         "plugins[0].config.generator: expected one of: tracker, uuid, uuid#counter"),
+        ({"name": "cors", "config": {"origins": ["https://(unclosed"]}},
+         "plugins[0].config.origins[0]: 'https://(unclosed' is not a valid regex: missing ), unterminated subpattern at position 8"),
+        ({"name": "cors", "config": {"methods": ["FETCH"]}},
+         "plugins[0].config.methods[0]: expected one of: CONNECT, DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT, TRACE"),
+        ({"name": "request-termination", "config": {"status_code": 600}},
+         "plugins[0].config.status_code: value should be between 100 and 599"),
+        ({"name": "request-termination", "config": {"message": "m", "body": "b"}},
+         "plugins[0].config: message cannot be used with content_type or body"),
+        ({"name": "request-termination", "config": {"content_type": "text/plain"}},
+         "plugins[0].config: content_type requires a body"),
+        ({"name": "request-termination", "config": {"echo": True, "body": "b"}},
+         "plugins[0].config: echo cannot be used with content_type and body"),
+        ({"name": "request-transformer", "config": {"add": {"headers": ["novalue"]}}},
+         "plugins[0].config.add.headers[0]: invalid value: novalue (expected 'name:value')"),
+        ({"name": "request-transformer", "config": {"add": {"headers": ["x:$(shared.thing)"]}}},
+         "plugins[0].config.add.headers[0]: unknown template source 'shared' (expected one of: headers, query_params, uri_captures)"),
+        ({"name": "request-transformer", "config": {"replace": {"uri": "/a/$(string.rep('x', 9))"}}},
+         "plugins[0].config.replace.uri: unsupported template expression in '/a/$(string.rep('x', 9))'"),
+        ({"name": "request-transformer", "config": {"add": {"body": ["a:b"]}}},
+         "plugins[0].config.add: transforming the request body is not supported by fastgate yet"),
+        ({"name": "request-transformer", "config": {"rename": {"headers": ["only-old"]}}},
+         "plugins[0].config.rename.headers[0]: invalid value: only-old (expected 'old:new')"),
+        ({"name": "response-transformer", "config": {"add": {"json": ["a:b"]}}},
+         "plugins[0].config.add: transforming the response body is not supported by fastgate (it would buffer streams)"),
+        ({"name": "response-transformer", "config": {"remove": {"headers": ["Content-Length"]}}},
+         "plugins[0].config.remove.headers[0]: 'Content-Length' is set by the proxy (message framing) and cannot be transformed"),
+        ({"name": "response-transformer", "config": {"rename": {"headers": ["x-a:Transfer-Encoding"]}}},
+         "plugins[0].config.rename.headers[0]: 'Transfer-Encoding' is set by the proxy (message framing) and cannot be transformed"),
+    ],
+)
+def test_each_rule_reports_its_problem(plugin, problem):
+    assert problems([plugin]) == [problem]
+
+
+def test_defaults_are_kongs():
+    config = load([{"name": name} for name in ("key-auth", "correlation-id", "cors", "request-termination")])
+    key_auth, correlation, cors, termination = (plugin.config for plugin in config.plugins)
+    assert (key_auth.key_names, key_auth.key_in_header, key_auth.key_in_query, key_auth.key_in_body) == (["apikey"], True, True, False)
+    assert (key_auth.hide_credentials, key_auth.anonymous, key_auth.run_on_preflight, key_auth.realm) == (False, None, True, None)
+    assert (correlation.header_name, correlation.generator, correlation.echo_downstream) == ("Kong-Request-ID", "uuid#counter", False)
+    assert cors.methods == ["GET", "HEAD", "PUT", "PATCH", "POST", "DELETE", "OPTIONS", "TRACE", "CONNECT"]
+    assert (cors.credentials, cors.preflight_continue, cors.allow_origin_absent, cors.origins) == (False, False, True, None)
+    assert (termination.status_code, termination.message, termination.echo) == (503, None, False)
+
+
+def test_priorities_are_kongs():
+    assert {name: plugin.PRIORITY for name, plugin in PLUGINS.items() if name != "rate-limiting"} == {
+        "correlation-id": 100001, "cors": 2000, "key-auth": 1250, "acl": 950, "request-transformer": 801,
+        "response-transformer": 800, "request-termination": 2,
+    }
+
+
+def test_custom_plugins_load_or_fail_clearly(monkeypatch):
+    monkeypatch.setattr("fastgate.plugins.PLUGINS", dict(PLUGINS))
+    from fastgate import plugins
+
+    assert load_custom("tests.integration.custom_plugins:Audit") == ["team-audit"]
+    assert plugins.PLUGINS["team-audit"].PRIORITY == 1000
+    for spec, message in (
+        ("nocolon", "FASTGATE_PLUGINS: 'nocolon' is not 'module:Class'"),
+        ("no.such.module:X", "FASTGATE_PLUGINS: cannot load 'no.such.module:X': No module named 'no'"),
+        ("tests.integration.custom_plugins:AuditConfig", "FASTGATE_PLUGINS: 'tests.integration.custom_plugins:AuditConfig' lacks NAME, PRIORITY, Config"),
+        ("fastgate.plugins.acl:Acl", None),
+    ):
+        if message is None:
+            assert load_custom(spec) == ["acl"]  # the same class again is fine
+            continue
+        with pytest.raises(PluginLoadError) as caught:
+            load_custom(spec)
+        assert str(caught.value) == message
