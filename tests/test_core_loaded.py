@@ -7,7 +7,7 @@ import sys
 import fastgate._core as core
 from fastgate.settings import extensions_disabled
 
-COMPILED_MODULES = ["router", "proxy", "keys"]
+COMPILED_MODULES = ["router", "proxy", "keys", "plugins"]
 
 
 def test_compiled_modules_loaded():
@@ -24,10 +24,12 @@ def test_compiled_modules_loaded():
 def test_no_extensions_forces_the_references():
     code = (
         "import fastgate._core as c; "
-        "print(c.IMPLEMENTATION, c.Router.__module__, c.Gateway.__module__, c.KeyIndex.__module__)"
+        "print(c.IMPLEMENTATION, c.Router.__module__, c.Gateway.__module__, c.KeyIndex.__module__, "
+        "c.plugin_core.__name__)"
     )
     env = {"FASTGATE_NO_EXTENSIONS": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [
-        "pure", "fastgate._core._pure.router", "fastgate._core._pure.proxy", "fastgate._core._pure.keys"
+        "pure", "fastgate._core._pure.router", "fastgate._core._pure.proxy", "fastgate._core._pure.keys",
+        "fastgate._core._pure.plugins",
     ]

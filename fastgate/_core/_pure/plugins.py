@@ -82,6 +82,14 @@ def query_args(url):
     return pairs
 
 
+def has_query_arg(url, name):
+    """Whether the query of `url` has an argument whose canonical name is `name`."""
+    for arg, _ in query_args(url):
+        if canonical_header(arg) == name:
+            return True
+    return False
+
+
 def url_without_args(url, names):
     """`url` with the query arguments whose decoded name is in `names` removed, the others
     kept byte for byte in their order."""
@@ -445,9 +453,7 @@ class RequestTerminationHandler:
     def access(self, exchange):
         if self.trigger:
             headers = exchange.headers
-            if (headers is None or self.trigger not in headers) and not any(
-                canonical_header(arg) == self.trigger for arg, _ in query_args(exchange.url)
-            ):
+            if (headers is None or self.trigger not in headers) and not has_query_arg(exchange.url, self.trigger):
                 return None
         if self.echo:
             return Exit(self.status, None, (), self.echo_body(exchange), JSON_TYPE)

@@ -23,8 +23,6 @@ from httptools import HttpParserError, HttpParserUpgrade
 
 from fastgate import __version__
 
-from .plugins import Exit
-
 SERVER_TOKEN = b"fastgate/" + __version__.encode()
 VIA_HTTP11 = b"1.1 " + SERVER_TOKEN
 log = logging.getLogger("fastgate.proxy")
@@ -535,19 +533,21 @@ class ClientConnection:
                 result = run.access(exchange)
             except Exception:
                 log.exception("plugin '%s' failed in its access phase", run.name)
-                result = Exit(500, MSG_UNEXPECTED)
+                self.collect_rest(exchange, index)
+                self.respond_error(exchange, 500, MSG_UNEXPECTED)
+                return False
             if result is None:
                 continue
-            if type(result) is Exit:
-                self.collect_rest(exchange, index)
-                self.respond_exit(exchange, result)
+            if asyncio.isfuture(result) or asyncio.iscoroutine(result):
+                # A plugin that must wait (e.g. for Redis) returns a future: this request
+                # waits, the others go on, and no Task is made for it (a coroutine gets one).
+                exchange.plugin_index = index
+                if not asyncio.isfuture(result):
+                    result = asyncio.ensure_future(result, loop=self.loop)
+                result.add_done_callback(functools.partial(self.access_resumed, exchange))
                 return False
-            # A plugin that must wait (e.g. for Redis) returns a future: this request waits,
-            # the others go on, and no Task is made for it.
-            exchange.plugin_index = index
-            if not asyncio.isfuture(result):
-                result = asyncio.ensure_future(result, loop=self.loop)
-            result.add_done_callback(functools.partial(self.access_resumed, exchange))
+            self.collect_rest(exchange, index)
+            self.respond_exit(exchange, result)  # an Exit (fastgate/_core/_pure/plugins.py)
             return False
         return True
 
@@ -556,14 +556,14 @@ class ClientConnection:
         self.gateway.now = self.loop.time()
         if self.closed or self.current is not exchange:
             return
-        if future.cancelled():
-            result = Exit(500, MSG_UNEXPECTED)
-        elif future.exception() is not None:
-            log.error("a plugin failed in its access phase", exc_info=future.exception())
-            result = Exit(500, MSG_UNEXPECTED)
-        else:
-            result = future.result()
-        if type(result) is Exit:
+        if future.cancelled() or future.exception() is not None:
+            if not future.cancelled():
+                log.error("a plugin failed in its access phase", exc_info=future.exception())
+            self.collect_rest(exchange, exchange.plugin_index)
+            self.respond_error(exchange, 500, MSG_UNEXPECTED)
+            return
+        result = future.result()
+        if result is not None:
             self.collect_rest(exchange, exchange.plugin_index)
             self.respond_exit(exchange, result)
         elif self.run_access(exchange, exchange.plugin_index):
