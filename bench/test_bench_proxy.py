@@ -3,7 +3,8 @@ routed, upstream head written, upstream response parsed, client response written
 connection back in the pool) driven through the protocol objects with in-memory transports.
 
 Compiled vs pure in the same run, and what the pieces cost: routing among 1 or 10,000 routes,
-and the router alone.
+and key-auth + acl with 100,000 consumers (a random consumer's key on each request) against the
+same exchange without plugins.
 
     taskset -c 0 .venv/bin/python -m pytest bench/test_bench_proxy.py --benchmark-only
 """
@@ -12,11 +13,15 @@ from __future__ import annotations
 
 import importlib
 
+import msgspec
 import pytest
 import uvloop
 
+import json
+import random
+
 from fastgate.config import parse_config
-from fastgate.config.compile import Snapshot
+from fastgate.config.compile import compile_snapshot
 
 REQUEST = (
     b"GET /json HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
@@ -67,14 +72,30 @@ def config_text(routes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_exchange(implementation: str, routes: int):
+def auth_config_text(consumers: int) -> str:
+    return json.dumps({
+        "_format_version": "3.0",
+        "services": [{"name": "json", "url": "http://127.0.0.1:9001", "routes": [
+            {"name": "json", "paths": ["/json"], "strip_path": False, "plugins": [
+                {"name": "key-auth"}, {"name": "acl", "config": {"allow": ["users"]}}]}]}],
+        "consumers": [{"username": f"user-{i}", "keyauth_credentials": [{"key": f"key-{i}"}],
+                       "acls": [{"group": "users"}]} for i in range(consumers)],
+    })
+
+
+def make_exchange(implementation: str, routes: int, consumers: int = 0):
+    """One exchange as a function; with `consumers`, the route has key-auth + acl and each call
+    presents the key of a consumer picked at random (each key's request is prepared once)."""
     module = "fastgate._core" if implementation == "compiled" else "fastgate._core._pure"
     proxy = importlib.import_module(f"{module}.proxy")
-    router = importlib.import_module(f"{module}.router")
-    config = parse_config(config_text(routes))
+    # compile_snapshot builds with the implementation fastgate._core chose (compiled here); the
+    # pure run swaps in the pure router.
+    config = parse_config(auth_config_text(consumers) if consumers else config_text(routes))
     service = config.services[0]
-    snapshot = Snapshot(config=config, router=router.Router([(r, service) for r in config.routes]),
-                        configuration_hash="0" * 32)
+    snapshot = compile_snapshot(config)
+    if implementation == "pure":
+        router = importlib.import_module(f"{module}.router")
+        snapshot = msgspec.structs.replace(snapshot, router=router.Router([(r, service) for r in config.routes]))
     loop = uvloop.new_event_loop()
     gateway = proxy.Gateway(loop, snapshot)
     client = proxy.ClientConnection(gateway, 8000, b"http")
@@ -85,9 +106,17 @@ def make_exchange(implementation: str, routes: int):
     upstream.connection_made(MemoryTransport())
     pool.release(upstream)
 
-    def one_exchange():
-        client.data_received(REQUEST)
-        upstream.data_received(RESPONSE)
+    if consumers:
+        keyed = [REQUEST.replace(b"Accept: */*", b"apikey: key-%d\r\nAccept: */*" % i) for i in range(consumers)]
+        pick = random.Random(7).randrange
+
+        def one_exchange():
+            client.data_received(keyed[pick(consumers)])
+            upstream.data_received(RESPONSE)
+    else:
+        def one_exchange():
+            client.data_received(REQUEST)
+            upstream.data_received(RESPONSE)
 
     one_exchange()
     assert client_transport.written > len(RESPONSE), "the response did not reach the client"
@@ -99,6 +128,28 @@ def make_exchange(implementation: str, routes: int):
 def test_exchange(benchmark, implementation, routes):
     benchmark.group = f"exchange-{routes}-routes"
     exchange, loop = make_exchange(implementation, routes)
+    try:
+        benchmark(exchange)
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("plugins", ["none", "key-auth+acl"])
+def test_exchange_with_auth(benchmark, plugins):
+    """Compiled, 100,000 consumers. "none" picks a random number too, so both pay the same
+    random.randrange; only the plugins differ."""
+    benchmark.group = "exchange-auth-100000-consumers"
+    if plugins == "none":
+        exchange, loop = make_exchange("compiled", 1)
+        pick = random.Random(7).randrange
+
+        def exchange_with_pick(inner=exchange):
+            pick(100_000)
+            inner()
+
+        exchange = exchange_with_pick
+    else:
+        exchange, loop = make_exchange("compiled", 1, consumers=100_000)
     try:
         benchmark(exchange)
     finally:

@@ -350,12 +350,12 @@ class AclHandler:
         authenticated_groups = exchange.authenticated_groups
         if consumer is None and authenticated_groups is None:
             return self.unauthorized if credential is None else self.forbidden
-        header_name = b"X-Consumer-Groups: "
+        from_authenticated = False
         if authenticated_groups is not None and (
             consumer is None or credential is None or self.always_use_authenticated_groups
         ):
             groups = tuple(authenticated_groups)
-            header_name = b"X-Authenticated-Groups: "
+            from_authenticated = True
         elif self.include_consumer_groups:
             groups = consumer.acl_groups + consumer.group_names
         else:
@@ -374,10 +374,10 @@ class AclHandler:
                 exchange.header_parts, frozenset((b"x-consumer-groups", b"x-authenticated-groups"))
             )
         if not self.hide_groups_header:
-            if header_name is b"X-Consumer-Groups: " and consumer is not None:
-                _add_upstream(exchange, self.consumer_groups_line(consumer, groups))
+            if from_authenticated:
+                _add_upstream(exchange, b"X-Authenticated-Groups: " + ", ".join(groups).encode() + b"\r\n")
             else:
-                _add_upstream(exchange, header_name + ", ".join(groups).encode() + b"\r\n")
+                _add_upstream(exchange, self.consumer_groups_line(consumer, groups))
         return None
 
     def consumer_groups_line(self, consumer, groups):
@@ -571,7 +571,7 @@ def normalize_origin(origin):
         return origin.lower()
     host = rest.split(b"/", 1)[0].lower()
     name, colon, port = host.rpartition(b":")
-    if colon and b"]" not in port and _DEFAULT_PORTS.get(scheme.lower()) == port:
+    if colon and port.find(b"]") < 0 and _DEFAULT_PORTS.get(scheme.lower()) == port:
         host = name
     return scheme.lower() + b"://" + host
 

@@ -1,0 +1,122 @@
+"""The plugin runtime's building blocks, compiled and pure (fastgate/_core/_pure/plugins.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def core(core_module):
+    return core_module("plugins")
+
+
+class Marker:
+    """A plugin instance that only has a name, to see which one a slot picks."""
+
+    def __init__(self, label):
+        self.label = label
+
+    def access(self, exchange):
+        return None
+
+
+def run(core, label):
+    return core.PluginRun("p", 10, Marker(label), ["http", "https"])
+
+
+def consumer(core, consumer_id, group_ids=()):
+    return core.ConsumerInfo(consumer_id, None, None, (), list(group_ids), [f"name-{g}" for g in group_ids])
+
+
+def test_canonical_header_names(core):
+    assert core.canonical_header(b"X_Api-KEY") == b"x-api-key"
+
+
+def test_header_list_edits(core):
+    parts = [b"A", b": ", b"1", b"\r\n", b"x_b", b": ", b"2", b"\r\n", b"X-B", b": ", b"3", b"\r\n"]
+    assert core.header_values(parts, b"x-b") == [b"2", b"3"]
+    assert core.without_headers(parts, frozenset({b"x-b"})) == parts[:4]
+
+
+def test_query_args_decode_names_values_and_flags(core):
+    assert core.query_args(b"/p?a=1&b&c=x%20y+z&&d%2De=") == [
+        (b"a", b"1"), (b"b", None), (b"c", b"x y z"), (b"d-e", b""),
+    ]
+    assert core.query_args(b"/p") == []
+    assert core.has_query_arg(b"/p?X_Stop", b"x-stop")
+    assert not core.has_query_arg(b"/p?x=stop", b"stop")
+
+
+def test_url_without_args_keeps_the_rest_verbatim(core):
+    assert core.url_without_args(b"/p?a=1&key=s&b=%20&key=t", {b"key"}) == b"/p?a=1&b=%20"
+    assert core.url_without_args(b"/p?k%65y=s", {b"key"}) == b"/p"
+    assert core.url_without_args(b"/p", {b"key"}) == b"/p"
+
+
+def test_slot_precedence(core):
+    static, by_consumer, by_group = run(core, "route"), run(core, "consumer"), run(core, "group")
+    alpha, beta = run(core, "alpha"), run(core, "beta")
+    slot = core.Slot(static, 10, {"c1": (8, by_consumer), "c3": (12, by_consumer)},
+                     {"g-gold": (9, by_group), "g-a": (9, alpha), "g-b": (9, beta)})
+    assert slot.dynamic
+    assert slot.choose(None) is static  # before authentication
+    assert slot.choose(consumer(core, "c1", ["g-gold"])) is by_consumer  # 8 beats 9 and 10
+    assert slot.choose(consumer(core, "c2", ["g-gold"])) is by_group  # 9 beats 10
+    assert slot.choose(consumer(core, "c3")) is static  # 12 does not beat 10
+    # A tie at one level: the first group in the consumer's order (sorted by name) wins.
+    assert slot.choose(consumer(core, "c4", ["g-a", "g-b"])) is alpha
+    assert slot.choose(consumer(core, "c4", ["g-b", "g-a"])) is beta
+    only_consumers = core.Slot(None, 13, {"c1": (8, by_consumer)}, None)
+    assert only_consumers.choose(consumer(core, "c9")) is None
+    assert not core.Slot(static, 12, None, None).dynamic
+
+
+def test_plugin_run_binds_phases(core):
+    bound = run(core, "x")
+    assert bound.access is not None and bound.response is None and bound.log is None
+    assert bound.protocols == frozenset({b"http", b"https"})
+
+    class Broken:
+        body = b"not a method"
+
+    with pytest.raises(TypeError, match="phase name"):
+        core.PluginRun("broken", 1, Broken(), ["http"])
+
+
+def test_consumer_and_credential_upstream_lines(core):
+    info = core.ConsumerInfo("id-1", "alice", None, ("chat",), [], [])
+    assert info.consumer_lines() == b"X-Consumer-ID: id-1\r\nX-Consumer-Username: alice\r\n"
+    credential = core.CredentialInfo("cred-1", info, 0.0)
+    assert credential.upstream_lines() == info.consumer_lines() + b"X-Credential-Identifier: cred-1\r\n"
+    assert core.ConsumerInfo("id-2", None, "c-2", (), [], []).consumer_lines() == (
+        b"X-Consumer-ID: id-2\r\nX-Consumer-Custom-ID: c-2\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "pieces"),
+    [
+        ("plain", (b"plain",)),
+        ("$(headers.x-a)", (("headers", "x-a"),)),
+        ('a-$(headers["X B"])-$(query_params.q)', (b"a-", ("headers", "X B"), b"-", ("query_params", "q"))),
+        ("/v/$(uri_captures[1])/$(uri_captures['n'])", (b"/v/", ("uri_captures", 1), b"/", ("uri_captures", "n"))),
+    ],
+)
+def test_templates_parse(core, template, pieces):
+    assert core.parse_template(template) == pieces
+
+
+@pytest.mark.parametrize("template", ["$(shared.x)", "$(headers.x or 'y')", "$(1+1)"])
+def test_templates_refuse_other_expressions(core, template):
+    with pytest.raises(ValueError):
+        core.parse_template(template)
+
+
+def test_origins_normalise(core):
+    assert core.normalize_origin(b"HTTPS://App.Example.com:443/path") == b"https://app.example.com"
+    assert core.normalize_origin(b"http://a.test:8080") == b"http://a.test:8080"
+    assert core.normalize_origin(b"http://[::1]:80") == b"http://[::1]"
+
+
+def test_json_dumps_is_compact_and_escaped(core):
+    assert core.json_dumps({"a": [1, True, None, b"b\"", "\n"]}) == '{"a":[1,true,null,"b\\"","\\u000a"]}'
