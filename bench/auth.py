@@ -12,7 +12,8 @@ with 100,000 consumers, measured in one run against the same gateway.
   half of the keys is in the file only as `sha256:<hex>`.
 - Load on core 1: wrk -t1 with a Lua script that sends a random consumer's key on each request
   (when wrk is installed), else bench/loadgen.py with one key. The scenarios alternate within
-  each repetition so that the machine's drift hits all of them alike; medians are reported.
+  each repetition, in an order that turns each repetition, so that the machine's drift hits all
+  of them alike; medians are reported.
 - Per scenario: requests/s, p50/p99, the worker's CPU per request, and the ratio to
   `/plain/json`; plus the config's load time and the worker's RSS with all the consumers.
 Writes <out>/auth-<UTC time>.json and .md, and prints the Markdown.
@@ -140,8 +141,9 @@ def main() -> int:
         for scenario in SCENARIOS:  # warm-up: pools filled, code paths and key index hot
             run_wrk(port, scenario, args.consumers, args.connections, 2.0, run_dir, worker_pids)
         runs: dict[str, list[dict]] = {scenario: [] for scenario in SCENARIOS}
-        for _ in range(args.reps):
-            for scenario in SCENARIOS:
+        for rep in range(args.reps):
+            # The order turns each repetition so that drift within one does not favour a scenario.
+            for scenario in SCENARIOS[rep % 3:] + SCENARIOS[:rep % 3]:
                 runs[scenario].append(run_wrk(port, scenario, args.consumers, args.connections, args.duration,
                                               run_dir, worker_pids))
         memory = rss_kib(worker_pids[-1])
@@ -174,7 +176,7 @@ def main() -> int:
         f"# key-auth + acl, {args.consumers:,} consumers (half the keys given as sha256) — {report['when']}",
         "",
         f"Load: {report['generator']}, {args.connections} connections, {args.reps} x {args.duration:g} s per scenario "
-        f"(alternating). Gateway: 1 worker on core 0, up in {load_seconds:.1f} s, worker RSS "
+        f"(the order turning each repetition). Gateway: 1 worker on core 0, up in {load_seconds:.1f} s, worker RSS "
         f"{memory.get('VmRSS', 0) / 1024:.1f} MiB.",
         "",
         "| scenario | req/s | x plain | x plain per rep | p50 ms | p99 ms | CPU us/req | us over plain | errors |",

@@ -46,6 +46,8 @@ cdef class Exchange:
     cdef public bytes connection_tokens
     cdef public list header_parts
     cdef public dict headers
+    cdef public frozenset watched
+    cdef public unsigned long long dashed_lengths
     cdef public Py_ssize_t head_size
     cdef public Py_ssize_t header_lines
     cdef public bint keep_alive

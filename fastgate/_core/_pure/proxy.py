@@ -229,6 +229,9 @@ class Exchange:
     def __init__(self, snapshot, started):
         self.snapshot = snapshot
         self.started = started
+        # Read once here, not once per header line (a Struct attribute is a Python getattr).
+        self.watched = snapshot.watched_headers or None
+        self.dashed_lengths = snapshot.dashed_lengths
         self.client = None
         self.url = b""
         self.method = b""
@@ -421,16 +424,23 @@ class ClientConnection:
         parts.append(b": ")
         parts.append(value)
         parts.append(b"\r\n")
-        watched = exchange.snapshot.watched_headers
-        if watched:
-            # find, not `in`: bytes.__contains__ first tries its argument as an integer and
-            # formats a TypeError (about 6,000 instructions per request, measured with callgrind).
-            if lower not in watched and lower.find(b"_") >= 0:
+        watched = exchange.watched
+        if watched is not None:
+            if lower not in watched:
+                length = len(lower)
+                if not (exchange.dashed_lengths >> (length if length < 63 else 63)) & 1:
+                    return
                 lower = lower.replace(b"_", b"-")
-            if lower in watched:
-                if exchange.headers is None:
-                    exchange.headers = {}
-                exchange.headers.setdefault(lower, []).append(value)
+                if lower not in watched:
+                    return
+            headers = exchange.headers
+            if headers is None:
+                headers = exchange.headers = {}
+            values = headers.get(lower)
+            if values is None:
+                headers[lower] = [value]
+            else:
+                values.append(value)
 
     def on_headers_complete(self):
         if self.closed:
