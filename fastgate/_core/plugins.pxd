@@ -75,8 +75,10 @@ cdef class PluginContext:
 
 cdef class KeyAuthHandler:
     cdef public tuple key_names
+    cdef public tuple body_names
     cdef public bint key_in_header
     cdef public bint key_in_query
+    cdef public bint key_in_body
     cdef public bint hide_credentials
     cdef public bint run_on_preflight
     cdef public object index
@@ -87,9 +89,10 @@ cdef class KeyAuthHandler:
 
     @cython.locals(consumer=ConsumerInfo)
     cpdef access(self, Exchange exchange)
-    @cython.locals(headers=dict, values=list, credential=CredentialInfo, name=bytes, found_in=int)
-    cdef authenticate(self, Exchange exchange)
-    cdef hide(self, Exchange exchange, bytes name, int found_in)
+    @cython.locals(headers=dict, values=list, credential=CredentialInfo, name=bytes, position=Py_ssize_t, count=int)
+    cdef authenticate(self, Exchange exchange, object body)
+    @cython.locals(name=bytes)
+    cdef hide(self, Exchange exchange, Py_ssize_t position, object body)
 
 
 cdef class AclHandler:
@@ -169,17 +172,24 @@ cdef class HeaderEdits:
     cdef public bint empty
 
 
+cdef class FieldEdits:
+    cdef public frozenset remove
+    cdef public tuple rename
+    cdef public tuple replace
+    cdef public tuple add
+    cdef public tuple append
+    cdef public bint empty
+
+
 cdef class RequestTransformerHandler:
     cdef public bytes method
     cdef public object uri
     cdef public HeaderEdits headers
     cdef public object host
-    cdef public frozenset query_remove
-    cdef public tuple query_rename
-    cdef public tuple query_replace
-    cdef public tuple query_add
-    cdef public tuple query_append
-    cdef public bint query
+    cdef public FieldEdits query_edits
+    cdef public FieldEdits body_edits
+    cdef public bint method_to_query
+    cdef public tuple watched_headers
 
     cpdef access(self, Exchange exchange)
 

@@ -57,6 +57,10 @@ cdef class Exchange:
     cdef public bint body_complete
     cdef public list held_body
     cdef public Py_ssize_t held_body_size
+    cdef public bint held_paused
+    cdef public object body
+    cdef public bint body_wanted
+    cdef public object waiting_run
     cdef public bytes request_id
     cdef public object match
     cdef public bytes upstream_head
@@ -80,6 +84,8 @@ cdef class Exchange:
     cdef public bytes correlation_id
     cdef public bint cors_preflight
     cdef public dict plugin_data
+
+    cpdef object read_body(self)
 
 
 cdef class ClientConnection:
@@ -109,6 +115,10 @@ cdef class ClientConnection:
     cdef dispatch(self, Exchange exchange)
     @cython.locals(chain=tuple, count=Py_ssize_t, run=object, slot=object)
     cdef bint run_access(self, Exchange exchange, Py_ssize_t index)
+    cdef bint call_access(self, Exchange exchange, object run, Py_ssize_t index)
+    cdef body_arrived(self, Exchange exchange)
+    @cython.locals(body=bytes)
+    cdef replace_body(self, Exchange exchange)
     cdef collect(self, Exchange exchange, object run)
     @cython.locals(chain=tuple, position=Py_ssize_t)
     cdef collect_rest(self, Exchange exchange, Py_ssize_t index)

@@ -10,16 +10,11 @@ from msgspec import Meta
 from fastgate._core import plugin_core as core
 from fastgate.plugins.transformers import Names, NameValues, Renames, Template
 
-BODY_UNSUPPORTED = "transforming the request body is not supported by fastgate yet"
+# Body edits apply to form, JSON and multipart bodies (buffered up to 1 MiB; larger ones are
+# answered 413); any other body streams through untouched.
 
 
-class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    def __post_init__(self) -> None:
-        if getattr(self, "body", None):
-            raise ValueError(BODY_UNSUPPORTED)
-
-
-class RemoveOrRename(_Body, kw_only=True):
+class RemoveOrRename(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     headers: Names = []
     querystring: Names = []
     body: Names = []
@@ -29,13 +24,13 @@ class Remove(RemoveOrRename, kw_only=True):
     pass
 
 
-class Rename(_Body, kw_only=True):
+class Rename(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     headers: Renames = []
     querystring: Renames = []
     body: Renames = []
 
 
-class AddOrAppend(_Body, kw_only=True):
+class AddOrAppend(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     headers: NameValues = []
     querystring: NameValues = []
     body: NameValues = []

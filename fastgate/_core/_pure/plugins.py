@@ -25,6 +25,8 @@ import time
 import uuid
 from urllib.parse import unquote_to_bytes
 
+import msgspec
+
 # Identity headers the gateway sets towards the upstream (behavior.md 4 and 5). A client's copy
 # never reaches the upstream of a route with key-auth or acl: it would let the client pose as a
 # consumer (tests/integration/test_access.py).
@@ -37,6 +39,7 @@ MSG_UNAUTHORIZED = "Unauthorized"
 MSG_NO_KEY = "No API key found in request"
 MSG_DUPLICATE_KEY = "Duplicate API key found"
 MSG_ACL_FORBIDDEN = "You cannot consume this service"
+MSG_BAD_BODY = "Cannot process request body"
 
 # No consumer group wins: a level past Kong's twelve (behavior.md 3.1).
 NO_LEVEL = 13
@@ -72,8 +75,13 @@ def query_args(url):
     query_at = url.find(b"?")
     if query_at < 0:
         return []
+    return decode_args(url[query_at + 1:])
+
+
+def decode_args(encoded):
+    """(name, value-or-None) pairs of a query string or an url-encoded form body, decoded."""
     pairs = []
-    for item in url[query_at + 1:].split(b"&"):
+    for item in encoded.split(b"&"):
         if not item:
             continue
         name, equals, value = item.partition(b"=")
@@ -101,6 +109,240 @@ def url_without_args(url, names):
         if item and unquote_to_bytes(item.partition(b"=")[0].replace(b"+", b" ")) not in names
     ]
     return path + b"?" + b"&".join(kept) if kept else path
+
+
+# -- request bodies: key-auth's key_in_body, request-transformer's body edits -----------------
+
+BODY_FORM = 1
+BODY_JSON = 2
+BODY_MULTIPART = 3
+# The body formats kong.request.get_body reads; a body of any other type is left alone.
+_BODY_FORMATS = {
+    b"application/x-www-form-urlencoded": BODY_FORM,
+    b"application/json": BODY_JSON,
+    b"multipart/form-data": BODY_MULTIPART,
+}
+_BOUNDARY = re.compile(rb';\s*boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+# The field name in a part's Content-Disposition (`form-data; name="x"; filename="y"`).
+_FIELD_NAME = re.compile(rb'(?:^|;)\s*name=("[^"]*"|[^;\s]*)', re.IGNORECASE)
+
+
+def body_format(exchange):
+    """(format, multipart boundary) of the request body from its Content-Type, which the
+    plugin must watch; format 0 for a body no plugin reads."""
+    headers = exchange.headers
+    values = headers.get(b"content-type") if headers is not None else None
+    if not values:
+        return 0, b""
+    value = values[0]
+    body_format = _BODY_FORMATS.get(value.partition(b";")[0].strip().lower(), 0)
+    if body_format != BODY_MULTIPART:
+        return body_format, b""
+    found = _BOUNDARY.search(value)
+    # Without a boundary the body cannot be split: RequestBody refuses it.
+    return body_format, (found.group(1) or found.group(2)) if found is not None else b""
+
+
+def multipart_fields(raw, boundary):
+    """The [name, head, content] parts of a multipart/form-data body (RFC 7578); name is None
+    for a part that is not a named field."""
+    if not boundary:
+        raise ValueError("multipart body without a boundary")
+    # Every delimiter follows a CRLF (RFC 2046 5.1.1), so the boundary text inside a part's
+    # content does not split it.
+    pieces = (b"\r\n" + raw).split(b"\r\n--" + boundary)
+    fields = []
+    for piece in pieces[1:]:
+        if piece.startswith(b"--"):
+            return fields
+        line_end = piece.find(b"\r\n")
+        if line_end < 0 or piece[:line_end].strip(b" \t"):
+            raise ValueError("malformed multipart delimiter line")
+        rest = piece[line_end + 2:]
+        if rest.startswith(b"\r\n"):
+            head, content = b"", rest[2:]
+        else:
+            head, separator, content = rest.partition(b"\r\n\r\n")
+            if not separator:
+                raise ValueError("multipart part without the blank line after its headers")
+        fields.append([_part_name(head), head, content])
+    raise ValueError("multipart body without its closing delimiter")
+
+
+def _disposition(head):
+    """(start, end) of the Content-Disposition value in a part's head, or None."""
+    start = 0
+    for line in head.split(b"\r\n"):
+        name, colon, _ = line.partition(b":")
+        if colon and name.strip().lower() == b"content-disposition":
+            return start + len(name) + 1, start + len(line)
+        start += len(line) + 2
+    return None
+
+
+def _part_name(head):
+    span = _disposition(head)
+    if span is None:
+        return None
+    found = _FIELD_NAME.search(head, span[0], span[1])
+    return found.group(1).strip(b'"') if found is not None else None
+
+
+def _renamed_head(head, new):
+    span = _disposition(head)
+    found = _FIELD_NAME.search(head, span[0], span[1])
+    return head[:found.start(1)] + b'"' + new + b'"' + head[found.end(1):]
+
+
+def encode_args(pairs):
+    """Url-encode (name, value-or-None) pairs (a None value is a bare flag)."""
+    return b"&".join(
+        [_quote(name) if value is None else _quote(name) + b"=" + _quote(value) for name, value in pairs]
+    )
+
+
+class RequestBody:
+    """A request body (or a query string) as named fields, in order, that key-auth looks up and
+    request-transformer edits: the pairs of a url-encoded form, the members of a JSON object,
+    the parts of a multipart/form-data body. ValueError when it does not parse. `changed` says
+    whether an edit changed anything, so an untouched body goes upstream as it came."""
+
+    def __init__(self, body_format, boundary, raw):
+        self.format = body_format
+        self.boundary = boundary
+        self.changed = False
+        # Where a field keeps its value: [name, value] or [name, head, content]. (No negative
+        # index: the compiled module is built without wraparound.)
+        self.value_at = 2 if body_format == BODY_MULTIPART else 1
+        self.fields = None
+        self.document = None
+        if body_format == BODY_FORM:
+            self.fields = [list(pair) for pair in decode_args(raw)]
+        elif body_format == BODY_JSON:
+            try:
+                self.document = msgspec.json.decode(raw) if raw.strip() else {}
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"malformed JSON body: {exc}") from None
+        else:
+            self.fields = multipart_fields(raw, boundary)
+
+    def key(self, name):
+        """A key-auth key in field `name`: (0, None) when there is none (a flag, a JSON number),
+        (1, value), or (2, None) for several values (a duplicate key)."""
+        if self.format == BODY_JSON:
+            document = self.document
+            value = document.get(name.decode("utf-8", "replace")) if type(document) is dict else None
+            if type(value) is str:
+                return 1, value.encode()
+            if type(value) is list or type(value) is dict:
+                return 2, None
+            return 0, None
+        value_at = self.value_at
+        values = [field[value_at] for field in self.fields if field[0] == name]
+        if len(values) > 1:
+            return 2, None
+        if not values or values[0] is None:
+            return 0, None
+        return 1, values[0]
+
+    def _object(self):
+        """The JSON object to edit, or None when the JSON body is not an object."""
+        document = self.document
+        return document if type(document) is dict else None
+
+    def remove(self, names):
+        if self.format == BODY_JSON:
+            document = self._object()
+            if document is not None:
+                for name in names:
+                    if document.pop(name.decode("utf-8", "replace"), _ABSENT) is not _ABSENT:
+                        self.changed = True
+            return
+        kept = [field for field in self.fields if field[0] not in names]
+        if len(kept) != len(self.fields):
+            self.fields = kept
+            self.changed = True
+
+    def rename(self, old, new):
+        if self.format == BODY_JSON:
+            document = self._object()
+            old_name = old.decode("utf-8", "replace")
+            if document is not None and old_name in document:
+                document[new.decode("utf-8", "replace")] = document.pop(old_name)
+                self.changed = True
+            return
+        if not any(field[0] == old for field in self.fields):
+            return
+        fields = []
+        for field in self.fields:
+            if field[0] == old:
+                field[0] = new
+                if self.format == BODY_MULTIPART:
+                    field[1] = _renamed_head(field[1], new)
+                fields.append(field)
+            elif field[0] != new:
+                fields.append(field)
+        self.fields = fields
+        self.changed = True
+
+    def replace(self, name, value):
+        if self.format == BODY_JSON:
+            document = self._object()
+            key = name.decode("utf-8", "replace")
+            if document is not None and key in document:
+                document[key] = value.decode("utf-8", "replace")
+                self.changed = True
+            return
+        for field in self.fields:
+            if field[0] == name:
+                field[self.value_at] = value
+                self.changed = True
+
+    def add(self, name, value):
+        if self.format == BODY_JSON:
+            document = self._object()
+            key = name.decode("utf-8", "replace")
+            if document is not None and key not in document:
+                document[key] = value.decode("utf-8", "replace")
+                self.changed = True
+        elif not any(field[0] == name for field in self.fields):
+            self.append(name, value)
+
+    def append(self, name, value):
+        """Another value for `name`: a JSON member becomes an array (Kong's append_value)."""
+        if self.format == BODY_JSON:
+            document = self._object()
+            if document is None:
+                return
+            key = name.decode("utf-8", "replace")
+            text = value.decode("utf-8", "replace")
+            current = document.get(key, _ABSENT)
+            if current is _ABSENT:
+                document[key] = [text]
+            elif type(current) is list:
+                current.append(text)
+            else:
+                document[key] = [current, text]
+        elif self.format == BODY_MULTIPART:
+            self.fields.append([name, b'Content-Disposition: form-data; name="' + name + b'"', value])
+        else:
+            self.fields.append([name, value])
+        self.changed = True
+
+    def encode(self):
+        if self.format == BODY_JSON:
+            return msgspec.json.encode(self.document)
+        if self.format == BODY_FORM:
+            return encode_args(self.fields)
+        delimiter = b"--" + self.boundary
+        out = []
+        for _, head, content in self.fields:
+            out.append(delimiter + b"\r\n" + (head + b"\r\n\r\n" if head else b"\r\n") + content + b"\r\n")
+        out.append(delimiter + b"--\r\n")
+        return b"".join(out)
+
+
+_ABSENT = object()
 
 
 class Exit:
@@ -255,8 +497,11 @@ class PluginContext:
 class KeyAuthHandler:
     def __init__(self, config, context):
         self.key_names = tuple(canonical_header(name.encode()) for name in config.key_names)
+        # A body field's name is matched as written (Kong's body[name]).
+        self.body_names = tuple(name.encode() for name in config.key_names)
         self.key_in_header = config.key_in_header
         self.key_in_query = config.key_in_query
+        self.key_in_body = config.key_in_body
         self.hide_credentials = config.hide_credentials
         self.run_on_preflight = config.run_on_preflight
         self.index = context.key_index
@@ -266,17 +511,35 @@ class KeyAuthHandler:
             self.challenge = ((b"WWW-Authenticate", b"Key"),)
         else:
             self.challenge = ((b"WWW-Authenticate", b'Key realm="' + config.realm.encode() + b'"'),)
-        self.watched_headers = self.key_names + tuple(IDENTITY_HEADERS)
+        self.watched_headers = self.key_names + tuple(IDENTITY_HEADERS) + ((b"content-type",) if self.key_in_body else ())
 
     def access(self, exchange):
         if not self.run_on_preflight and exchange.method == b"OPTIONS":
             return None
         if self.anonymous_reference is not None and exchange.credential is not None:
             return None  # logical OR: an earlier auth plugin has authenticated the request
-        message = self.authenticate(exchange)
+        body = None
+        message = None
+        if self.key_in_body:
+            # As in Kong, a body the plugin can read is read before any lookup: a key in the
+            # body under the first name beats one in a header under the second, and
+            # hide_credentials strips the name from the body too.
+            body_format_found, boundary = body_format(exchange)
+            if body_format_found:
+                raw = exchange.read_body()
+                if raw is None:
+                    return None  # asked again once the body is there; nothing changed yet
+                try:
+                    body = RequestBody(body_format_found, boundary, raw)
+                except ValueError:
+                    message = MSG_BAD_BODY
         if message is None:
-            return None
+            message = self.authenticate(exchange, body)
+            if message is None:
+                return None
         if self.anonymous_reference is None:
+            if message == MSG_BAD_BODY:
+                return Exit(400, message)
             return Exit(401, message, self.challenge)
         consumer = self.anonymous
         if consumer is None:
@@ -286,29 +549,34 @@ class KeyAuthHandler:
         _add_upstream(exchange, consumer.consumer_lines() + b"X-Anonymous-Consumer: true\r\n")
         return None
 
-    def authenticate(self, exchange):
-        """None when a valid key was presented, else the 401 message."""
+    def authenticate(self, exchange, body):
+        """None when a valid key was presented, else the 401 message. Per name in order:
+        header, query, body (behavior.md 4)."""
         key = None
-        found_in = 0
         headers = exchange.headers
-        for name in self.key_names:
+        for position in range(len(self.key_names)):
+            name = self.key_names[position]
             if self.key_in_header and headers is not None:
                 values = headers.get(name)
                 if values is not None:
                     if len(values) > 1:
                         return MSG_DUPLICATE_KEY
                     key = values[0]
-                    found_in = 1
             if key is None and self.key_in_query:
                 values = [value for arg, value in query_args(exchange.url) if canonical_header(arg) == name]
                 if values:
                     if len(values) > 1:
                         return MSG_DUPLICATE_KEY
                     key = values[0] if values[0] is not None else b""
-                    found_in = 2
+            if key is None and body is not None:
+                count, value = body.key(self.body_names[position])
+                if count > 1:
+                    return MSG_DUPLICATE_KEY
+                if count:
+                    key = value
             if key is not None:
                 if self.hide_credentials:
-                    self.hide(exchange, name, found_in)
+                    self.hide(exchange, position, body)
                 break
         if not key:
             return MSG_NO_KEY
@@ -321,13 +589,19 @@ class KeyAuthHandler:
         _add_upstream(exchange, credential.upstream_lines())
         return None
 
-    def hide(self, exchange, name, found_in):
-        if found_in == 1:
-            exchange.header_parts = without_headers(exchange.header_parts, frozenset((name,)))
-        else:
-            names = {arg for arg, _ in query_args(exchange.url) if canonical_header(arg) == name}
+    def hide(self, exchange, position, body):
+        """hide_credentials: the key's name leaves the headers, the query and the body,
+        wherever the key was found (Kong)."""
+        name = self.key_names[position]
+        exchange.header_parts = without_headers(exchange.header_parts, frozenset((name,)))
+        names = {arg for arg, _ in query_args(exchange.url) if canonical_header(arg) == name}
+        if names:
             path = exchange.upstream_path or exchange.match.upstream_path
             exchange.upstream_path = url_without_args(path, names)
+        if body is not None:
+            body.remove(frozenset((self.body_names[position],)))
+            if body.changed:
+                exchange.body = body.encode()
 
 
 # -- acl (behavior.md 5) ----------------------------------------------------------------------
@@ -786,6 +1060,40 @@ def _quote(value):
     return b"".join(out)
 
 
+def field_item(item):
+    name, _, value = item.partition(":")
+    return name.encode(), parse_template(value)
+
+
+class FieldEdits:
+    """request-transformer's edits of the query string or of the body's fields (a
+    RequestBody), in Kong's order: remove, rename, replace, add, append."""
+
+    def __init__(self, remove, rename, replace, add, append):
+        self.remove = frozenset(name.encode() for name in remove)
+        self.rename = tuple((old.encode(), new.encode()) for old, _, new in (item.partition(":") for item in rename))
+        self.replace = tuple(field_item(item) for item in replace)
+        self.add = tuple(field_item(item) for item in add)
+        self.append = tuple(field_item(item) for item in append)
+        self.empty = not (self.remove or self.rename or self.replace or self.add or self.append)
+
+    def apply(self, fields, exchange):
+        if self.remove:
+            fields.remove(self.remove)
+        for old, new in self.rename:
+            fields.rename(old, new)
+        for name, template in self.replace:
+            fields.replace(name, render(template, exchange))
+        for name, template in self.add:
+            fields.add(name, render(template, exchange))
+        for name, template in self.append:
+            fields.append(name, render(template, exchange))
+
+
+# http_method set to one of these moves the form body's fields into the query string (Kong).
+_QUERY_METHODS = frozenset({b"GET", b"HEAD", b"TRACE"})
+
+
 class RequestTransformerHandler:
     def __init__(self, config, context):
         self.method = config.http_method.encode() if config.http_method else b""
@@ -798,23 +1106,29 @@ class RequestTransformerHandler:
         for canonical, name, template in self.headers.replace:
             if canonical == b"host":
                 self.host = template
-        self.query_remove = frozenset(name.encode() for name in config.remove.querystring)
-        self.query_rename = tuple(
-            (old.encode(), new.encode()) for old, _, new in (item.partition(":") for item in config.rename.querystring)
+        self.query_edits = FieldEdits(
+            config.remove.querystring, config.rename.querystring, config.replace.querystring,
+            config.add.querystring, config.append.querystring,
         )
-        self.query_replace = tuple(self.query_item(item) for item in config.replace.querystring)
-        self.query_add = tuple(self.query_item(item) for item in config.add.querystring)
-        self.query_append = tuple(self.query_item(item) for item in config.append.querystring)
-        self.query = bool(
-            self.query_remove or self.query_rename or self.query_replace or self.query_add or self.query_append
+        self.body_edits = FieldEdits(
+            config.remove.body, config.rename.body, config.replace.body, config.add.body, config.append.body,
         )
-
-    @staticmethod
-    def query_item(item):
-        name, _, value = item.partition(":")
-        return name.encode(), parse_template(value)
+        self.method_to_query = self.method in _QUERY_METHODS
+        reads_body = not self.body_edits.empty or self.method_to_query
+        self.watched_headers = (b"content-type",) if reads_body else ()
 
     def access(self, exchange):
+        # Kong's order: uri, method, headers, body, querystring. The body is read first, since
+        # the access phase is asked again from the start once it has arrived.
+        raw = None
+        body_format_found = 0
+        boundary = b""
+        if self.watched_headers:
+            body_format_found, boundary = body_format(exchange)
+            if body_format_found == BODY_FORM or (body_format_found and not self.body_edits.empty):
+                raw = exchange.read_body()
+                if raw is None:
+                    return None
         match = exchange.match
         path = exchange.upstream_path or (match.upstream_path if match is not None else exchange.url)
         if self.uri is not None:
@@ -824,35 +1138,34 @@ class RequestTransformerHandler:
             exchange.upstream_path = path
         if self.method:
             exchange.method = self.method
+            if self.method_to_query and body_format_found == BODY_FORM and raw:
+                moved = encode_args(decode_args(raw))
+                if moved:
+                    path = path + (b"&" if b"?" in path else b"?") + moved
+                    exchange.upstream_path = path
         if not self.headers.empty:
             if self.host is not None:
                 exchange.upstream_host = render(self.host, exchange)
             exchange.header_parts = self.headers.apply(exchange.header_parts, exchange)
-        if self.query:
+        if raw is not None and not self.body_edits.empty:
+            try:
+                fields = RequestBody(body_format_found, boundary, raw)
+            except ValueError:
+                fields = None  # a body that does not parse goes on untouched (Kong)
+            if fields is not None:
+                self.body_edits.apply(fields, exchange)
+                if fields.changed:
+                    exchange.body = fields.encode()
+        if not self.query_edits.empty:
             exchange.upstream_path = self.transform_query(path, exchange)
         return None
 
     def transform_query(self, path, exchange):
-        base, _, _ = path.partition(b"?")
-        args = query_args(path)
-        if self.query_remove:
-            args = [(name, value) for name, value in args if name not in self.query_remove]
-        for old, new in self.query_rename:
-            if any(name == old for name, _ in args):
-                args = [(new if name == old else name, value) for name, value in args if name != new or name == old]
-        for name, template in self.query_replace:
-            if any(arg == name for arg, _ in args):
-                value = render(template, exchange)
-                args = [(arg, value if arg == name else item) for arg, item in args]
-        for name, template in self.query_add:
-            if not any(arg == name for arg, _ in args):
-                args.append((name, render(template, exchange)))
-        for name, template in self.query_append:
-            args.append((name, render(template, exchange)))
-        if not args:
-            return base
-        encoded = [_quote(name) if value is None else _quote(name) + b"=" + _quote(value) for name, value in args]
-        return base + b"?" + b"&".join(encoded)
+        base, _, query = path.partition(b"?")
+        args = RequestBody(BODY_FORM, b"", query)
+        self.query_edits.apply(args, exchange)
+        encoded = args.encode()
+        return base + b"?" + encoded if encoded else base
 
 
 # Framing belongs to the proxy: a transformer that could drop or rewrite these would make the

@@ -37,6 +37,10 @@ MAX_PIPELINED = 16
 # Request body bytes held while no upstream connection can take them yet (connecting, or a
 # pipelined request waiting its turn): past 64 KiB the client's reads pause.
 MAX_HELD_BODY = 65536
+# A plugin that reads the whole request body before it decides (key-auth's key_in_body,
+# request-transformer's body edits) has it buffered up to 1 MiB (nginx's client_max_body_size
+# default); a larger body is answered 413 instead of growing the worker.
+MAX_BUFFERED_BODY = 1048576
 # Idle keep-alive connections kept per upstream, and for how long.
 MAX_IDLE_PER_UPSTREAM = 256
 UPSTREAM_IDLE_SECONDS = 60.0
@@ -79,6 +83,7 @@ MSG_TIMEOUT = "The upstream server is timing out"
 MSG_BAD_REQUEST = "Bad request"
 MSG_HEAD_TOO_LARGE = "Request header or cookie too large"
 MSG_URI_TOO_LONG = "Request-URI too long"
+MSG_BODY_TOO_LARGE = "Payload too large"
 MSG_UNEXPECTED = "An unexpected error occurred"
 JSON_TYPE = b"application/json; charset=utf-8"
 
@@ -252,8 +257,17 @@ class Exchange:
         self.announced_body = False
         self.has_body = False
         self.body_complete = False
+        # Body bytes that arrived before an upstream connection could take them, as sent (the
+        # chunked framing is added when they go out); held_paused: holding them paused the
+        # client's reads.
         self.held_body = []
         self.held_body_size = 0
+        self.held_paused = False
+        # The whole body once a plugin read it (read_body), or a plugin's replacement for it:
+        # it then goes upstream with a Content-Length of its own.
+        self.body = None
+        self.body_wanted = False
+        self.waiting_run = None
         self.request_id = b""
         self.match = None
         self.upstream_head = b""
@@ -280,6 +294,22 @@ class Exchange:
         self.correlation_id = b""
         self.cors_preflight = False
         self.plugin_data = None
+
+    def read_body(self):
+        """The whole request body, for a plugin that must see it before it decides; b"" when
+        the request has none. None while it is still arriving: the plugin then returns None from
+        its access phase (changing nothing before this call), and that access phase is called
+        again once the body is complete. A body over MAX_BUFFERED_BODY is answered 413."""
+        body = self.body
+        if body is not None:
+            return body
+        if not self.body_complete:
+            self.body_wanted = True
+            return None
+        if not self.held_body:
+            return b""
+        body = self.body = b"".join(self.held_body)
+        return body
 
 
 class ClientConnection:
@@ -476,23 +506,31 @@ class ClientConnection:
             return
         if exchange.response_started:
             return  # answered already (an error): the rest of the body is discarded
-        exchange.held_body.append(b"%x\r\n%s\r\n" % (len(body), body) if exchange.chunked else body)
-        was_below = exchange.held_body_size <= MAX_HELD_BODY
+        exchange.held_body.append(body)
         exchange.held_body_size += len(body)
-        if was_below and exchange.held_body_size > MAX_HELD_BODY:
+        if exchange.body_wanted:
+            if exchange.held_body_size > MAX_BUFFERED_BODY:
+                exchange.body_wanted = False
+                exchange.waiting_run = None
+                exchange.held_body = []
+                self.collect_rest(exchange, exchange.plugin_index)
+                self.respond_error(exchange, 413, MSG_BODY_TOO_LARGE)
+        elif exchange.held_body_size > MAX_HELD_BODY and not exchange.held_paused:
+            exchange.held_paused = True
             self.pause_reading()
 
     def on_message_complete(self):
         exchange = self.parsing
         self.parsing = None
         exchange.body_complete = True
-        if exchange.chunked:
-            if exchange.upstream is not None:
-                exchange.upstream.send_body_end()
-            elif not exchange.response_started:
-                exchange.held_body.append(b"0\r\n\r\n")
+        if exchange.body_wanted:
+            exchange.body_wanted = False
+            self.body_arrived(exchange)
         elif exchange.upstream is not None:
-            exchange.upstream.request_sent()
+            if exchange.chunked:
+                exchange.upstream.send_body_end()
+            else:
+                exchange.upstream.request_sent()
         if self.lingering:
             self.close()  # the body the answer did not wait for has ended
 
@@ -528,7 +566,7 @@ class ClientConnection:
 
     def run_access(self, exchange, index):
         """Run the access phase from slot `index`: True when the request goes on upstream,
-        False when a plugin answered it or is waiting (access_resumed continues)."""
+        False when a plugin answered it or is waiting (for Redis, or for the request body)."""
         chain = exchange.chain
         count = len(chain)
         scheme = self.scheme
@@ -539,29 +577,51 @@ class ClientConnection:
             if run is None or scheme not in run.protocols:
                 continue
             self.collect(exchange, run)
-            if run.access is None:
-                continue
-            try:
-                result = run.access(exchange)
-            except Exception:
-                log.exception("plugin '%s' failed in its access phase", run.name)
-                self.collect_rest(exchange, index)
-                self.respond_error(exchange, 500, MSG_UNEXPECTED)
+            if run.access is not None and not self.call_access(exchange, run, index):
                 return False
-            if result is None:
-                continue
-            if asyncio.isfuture(result) or asyncio.iscoroutine(result):
-                # A plugin that must wait (e.g. for Redis) returns a future: this request
-                # waits, the others go on, and no Task is made for it (a coroutine gets one).
-                exchange.plugin_index = index
-                if not asyncio.isfuture(result):
-                    result = asyncio.ensure_future(result, loop=self.loop)
-                result.add_done_callback(functools.partial(self.access_resumed, exchange))
-                return False
-            self.collect_rest(exchange, index)
-            self.respond_exit(exchange, result)  # an Exit (fastgate/_core/_pure/plugins.py)
-            return False
         return True
+
+    def call_access(self, exchange, run, index):
+        """One plugin's access phase (`index`: the slot after it). True when the request goes
+        on to the next plugin."""
+        try:
+            result = run.access(exchange)
+        except Exception:
+            log.exception("plugin '%s' failed in its access phase", run.name)
+            self.collect_rest(exchange, index)
+            self.respond_error(exchange, 500, MSG_UNEXPECTED)
+            return False
+        if result is None:
+            if not exchange.body_wanted:
+                return True
+            # The plugin asked for the body (read_body) and it is still arriving: it is asked
+            # again from on_message_complete. Buffering must not wait on the pause that holding
+            # the body up to now may have put on the client's reads.
+            exchange.plugin_index = index
+            exchange.waiting_run = run
+            if exchange.held_paused:
+                exchange.held_paused = False
+                self.resume_reading()
+            return False
+        exchange.plugin_index = index
+        if asyncio.isfuture(result) or asyncio.iscoroutine(result):
+            # A plugin that must wait (e.g. for Redis) returns a future: this request waits,
+            # the others go on, and no Task is made for it (a coroutine gets one).
+            if not asyncio.isfuture(result):
+                result = asyncio.ensure_future(result, loop=self.loop)
+            result.add_done_callback(functools.partial(self.access_resumed, exchange))
+            return False
+        self.collect_rest(exchange, index)
+        self.respond_exit(exchange, result)  # an Exit (fastgate/_core/_pure/plugins.py)
+        return False
+
+    def body_arrived(self, exchange):
+        """The body a plugin asked for is complete: ask that plugin again, then go on."""
+        run = exchange.waiting_run
+        exchange.waiting_run = None
+        index = exchange.plugin_index
+        if self.call_access(exchange, run, index) and self.run_access(exchange, index):
+            self.forward(exchange)
 
     def access_resumed(self, exchange, future):
         """A plugin's awaited result is there: go on with the access phase."""
@@ -619,6 +679,8 @@ class ClientConnection:
         if match.error_status:
             self.respond_error(exchange, match.error_status, match.error_message, match.error_headers)
             return
+        if exchange.body is not None:
+            self.replace_body(exchange)
         exchange.upstream_head = self.upstream_head(exchange, match)
         service = match.service
         exchange.attempts_left = service.retries + 1
@@ -628,6 +690,19 @@ class ClientConnection:
             upstream.attach(self, exchange)
         else:
             pool.connect(self, exchange)
+
+    def replace_body(self, exchange):
+        """A body read (or rewritten) by a plugin goes upstream whole, with its own length."""
+        body = exchange.body
+        exchange.header_parts = without_length(exchange.header_parts)
+        exchange.chunked = False
+        exchange.held_body = [body] if body else []
+        exchange.held_body_size = len(body)
+        length_line = b"Content-Length: %d\r\n" % len(body)
+        if exchange.upstream_extra is None:
+            exchange.upstream_extra = [length_line]
+        else:
+            exchange.upstream_extra.append(length_line)
 
     def upstream_head(self, exchange, match):
         host = exchange.host
@@ -770,11 +845,11 @@ class ClientConnection:
         if exchange.loggers is not None:
             # Off the client's path: after this callback, once the next request was dispatched.
             self.loop.call_soon(run_loggers, exchange)
-        if exchange.held_body_size > MAX_HELD_BODY:
+        if exchange.held_paused:
             # Answered (an error) before an upstream connection took the held body: the pause
             # that holding it put on the client's reads must not outlive the exchange, or the
             # connection's next request is never read.
-            exchange.held_body_size = 0
+            exchange.held_paused = False
             self.resume_reading()
         if self.closed:
             return
@@ -1076,14 +1151,23 @@ class UpstreamConnection:
         self.write_timeout = service.write_timeout / 1000.0
         exchange.head_written_at = self.gateway.now
         held = exchange.held_body
-        if held:
+        if exchange.chunked:
+            framed = [exchange.upstream_head]
+            for chunk in held:
+                framed.append(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if exchange.body_complete:
+                framed.append(b"0\r\n\r\n")
+            self.transport.write(b"".join(framed))
+        elif held:
             self.transport.write(exchange.upstream_head + b"".join(held))
-            exchange.held_body = []
-            if exchange.held_body_size > MAX_HELD_BODY:
-                client.resume_reading()
-            exchange.held_body_size = 0
         else:
             self.transport.write(exchange.upstream_head)
+        if held:
+            exchange.held_body = []
+            exchange.held_body_size = 0
+        if exchange.held_paused:
+            exchange.held_paused = False
+            client.resume_reading()
         self._arm_read_deadline()
         if client.write_paused:
             self.pause_reading()

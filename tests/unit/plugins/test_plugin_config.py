@@ -36,8 +36,6 @@ def problems(plugins: list[dict]) -> list[str]:
         ({"name": "acl", "config": {"allow": ["a"], "whitelist": ["a"]}}, "plugins[0].config.whitelist: unknown field"),
         ({"name": "key-auth", "config": {"key_names": []}}, "plugins[0].config.key_names: length must be at least 1"),
         ({"name": "key-auth", "config": {"key_names": ["a b"]}}, "plugins[0].config.key_names[0]: invalid value: a b"),
-        ({"name": "key-auth", "config": {"key_in_body": True}},
-         "plugins[0].config: key_in_body: reading keys from the request body is not supported by fastgate yet"),
         ({"name": "key-auth", "consumer": "bob"},
          "plugins[0].consumer: value must be null (plugin 'key-auth' cannot be scoped to a consumer)"),
         ({"name": "acl", "consumer_group": "gold", "config": {"allow": ["a"]}},
@@ -66,8 +64,10 @@ def problems(plugins: list[dict]) -> list[str]:
          "plugins[0].config.add.headers[0]: unknown template source 'shared' (expected one of: headers, query_params, uri_captures)"),
         ({"name": "request-transformer", "config": {"replace": {"uri": "/a/$(string.rep('x', 9))"}}},
          "plugins[0].config.replace.uri: unsupported template expression in '/a/$(string.rep('x', 9))'"),
-        ({"name": "request-transformer", "config": {"add": {"body": ["a:b"]}}},
-         "plugins[0].config.add: transforming the request body is not supported by fastgate yet"),
+        ({"name": "request-transformer", "config": {"append": {"body": ["a:$(body.x)"]}}},
+         "plugins[0].config.append.body[0]: unknown template source 'body' (expected one of: headers, query_params, uri_captures)"),
+        ({"name": "request-transformer", "config": {"rename": {"body": ["a"]}}},
+         "plugins[0].config.rename.body[0]: invalid value: a (expected 'old:new')"),
         ({"name": "request-transformer", "config": {"rename": {"headers": ["only-old"]}}},
          "plugins[0].config.rename.headers[0]: invalid value: only-old (expected 'old:new')"),
         ({"name": "response-transformer", "config": {"add": {"json": ["a:b"]}}},
@@ -80,6 +80,16 @@ def problems(plugins: list[dict]) -> list[str]:
 )
 def test_each_rule_reports_its_problem(plugin, problem):
     assert problems([plugin]) == [problem]
+
+
+def test_body_lookup_and_body_edits_are_accepted():
+    config = load([
+        {"name": "key-auth", "config": {"key_in_body": True, "hide_credentials": True}},
+        {"name": "request-transformer", "config": {"remove": {"body": ["a"]}, "add": {"body": ["b:$(headers.x)"]}}},
+    ])
+    key_auth, transformer = (plugin.config for plugin in config.plugins)
+    assert key_auth.key_in_body is True
+    assert (transformer.remove.body, transformer.add.body) == (["a"], ["b:$(headers.x)"])
 
 
 def test_defaults_are_kongs():
