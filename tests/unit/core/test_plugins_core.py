@@ -120,3 +120,82 @@ def test_origins_normalise(core):
 
 def test_json_dumps_is_compact_and_escaped(core):
     assert core.json_dumps({"a": [1, True, None, b"b\"", "\n"]}) == '{"a":[1,true,null,"b\\"","\\u000a"]}'
+
+
+# -- request bodies (key-auth's key_in_body, request-transformer's body edits) ----------------
+
+
+def multipart_body(*parts: bytes, preamble: bytes = b"", boundary: bytes = b"b0") -> bytes:
+    return preamble + b"".join(b"--" + boundary + b"\r\n" + part + b"\r\n" for part in parts) + b"--" + boundary + b"--\r\n"
+
+
+def test_multipart_parts_split_on_delimiter_lines_only(core):
+    # The boundary text inside a part (not after a CRLF) does not split it; a preamble and a
+    # part without a name are kept; the name is read from Content-Disposition, quoted or not.
+    body = multipart_body(
+        b'Content-Disposition: form-data; name="a"\r\n\r\nsee --b0 inside',
+        b'content-disposition: form-data; filename="f.txt"; name=b\r\nContent-Type: text/plain\r\n\r\nfile\r\nlines',
+        b"X-Other: 1\r\n\r\nnameless",
+        b"\r\nno headers at all",
+        preamble=b"ignored preamble\r\n",
+    )
+    fields = core.multipart_fields(body, b"b0")
+    assert [(name, content) for name, _, content in fields] == [
+        (b"a", b"see --b0 inside"), (b"b", b"file\r\nlines"), (None, b"nameless"), (None, b"no headers at all"),
+    ]
+    parsed = core.RequestBody(core.BODY_MULTIPART, b"b0", body)
+    parsed.rename(b"b", b"renamed")
+    reparsed = core.multipart_fields(parsed.encode(), b"b0")
+    # Renaming keeps the part's other headers (its filename and type).
+    assert reparsed[1][1] == b'content-disposition: form-data; filename="f.txt"; name="renamed"\r\nContent-Type: text/plain'
+    assert [(name, content) for name, _, content in reparsed] == [
+        (b"a", b"see --b0 inside"), (b"renamed", b"file\r\nlines"), (None, b"nameless"), (None, b"no headers at all"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"--b0\r\nContent-Disposition: form-data; name=a\r\n\r\nno end", b"--b0 junk\r\n\r\nx\r\n--b0--\r\n",
+     b"--b0\r\nno blank line\r\n--b0--\r\n"],
+    ids=["no-close", "bad-delimiter-line", "no-blank-line"],
+)
+def test_malformed_multipart_is_refused(core, body):
+    with pytest.raises(ValueError):
+        core.RequestBody(core.BODY_MULTIPART, b"b0", body)
+
+
+def test_body_format_from_content_type(core):
+    class Request:
+        def __init__(self, content_type):
+            self.headers = {b"content-type": [content_type]} if content_type else None
+
+    assert core.body_format(Request(b"Application/JSON; charset=utf-8")) == (core.BODY_JSON, b"")
+    assert core.body_format(Request(b"application/x-www-form-urlencoded")) == (core.BODY_FORM, b"")
+    assert core.body_format(Request(b'multipart/form-data; boundary="a b"; x=1')) == (core.BODY_MULTIPART, b"a b")
+    assert core.body_format(Request(b"multipart/form-data; BOUNDARY=xyz")) == (core.BODY_MULTIPART, b"xyz")
+    assert core.body_format(Request(b"text/plain")) == (0, b"")
+    assert core.body_format(Request(None)) == (0, b"")
+
+
+def test_body_keys_and_edits_by_format(core):
+    form = core.RequestBody(core.BODY_FORM, b"", b"k=1&flag&k2=a+b&dup=1&dup=2")
+    assert [form.key(name) for name in (b"k", b"flag", b"k2", b"dup", b"none")] == [
+        (1, b"1"), (0, None), (1, b"a b"), (2, None), (0, None),
+    ]
+    assert not form.changed
+    form.remove(frozenset({b"absent"}))
+    assert not form.changed  # nothing removed: the body would go upstream as it came
+    form.append(b"k", b"x&y")
+    assert form.changed and form.encode() == b"k=1&flag&k2=a%20b&dup=1&dup=2&k=x%26y"
+    document = core.RequestBody(core.BODY_JSON, b"", b'{"a": 1, "b": "s", "c": [1]}')
+    for name in (b"a", b"b", b"c"):
+        document.append(name, b"t")
+    document.add(b"a", b"never")
+    document.replace(b"z", b"never")
+    assert document.encode() == b'{"a":[1,"t"],"b":["s","t"],"c":[1,"t"]}'
+    array = core.RequestBody(core.BODY_JSON, b"", b"[1, 2]")
+    array.add(b"a", b"1")
+    array.remove(frozenset({b"a"}))
+    assert not array.changed  # only a JSON object has fields to edit
+    with pytest.raises(ValueError):
+        core.RequestBody(core.BODY_JSON, b"", b"{nope")
