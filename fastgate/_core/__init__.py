@@ -42,9 +42,12 @@ Router = _router.Router
 Match = _router.Match
 normalize_path = _router.normalize_path
 Gateway = _proxy.Gateway
+PluginRun = _proxy.PluginRun
+Slot = _proxy.Slot
 ErrorTemplate = _proxy.ErrorTemplate
 KeyIndex = _keys.KeyIndex
 
 __all__ = [
-    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "Router", "normalize_path", "plugin_core",
+    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "PluginRun", "Router", "Slot",
+    "normalize_path", "plugin_core",
 ]

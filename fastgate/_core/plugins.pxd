@@ -15,28 +15,6 @@ cdef class Exit:
     cdef public object content_type
 
 
-cdef class PluginRun:
-    cdef public str name
-    cdef public long priority
-    cdef public object instance
-    cdef public frozenset protocols
-    cdef public object access
-    cdef public object response
-    cdef public object body
-    cdef public object log
-
-
-cdef class Slot:
-    cdef public PluginRun static
-    cdef public int static_level
-    cdef public dict by_consumer
-    cdef public dict by_group
-    cdef public bint dynamic
-
-    @cython.locals(best=PluginRun, level=int, hit=tuple)
-    cpdef PluginRun choose(self, object consumer)
-
-
 cdef class ConsumerInfo:
     cdef public str id
     cdef public object username
@@ -61,7 +39,7 @@ cdef class CredentialInfo:
     cpdef bytes upstream_lines(self)
 
 
-@cython.locals(headers=dict)
+@cython.locals(headers=dict, name=bytes)
 cdef _strip_identity(Exchange exchange)
 @cython.locals(extra=list)
 cdef _add_upstream(Exchange exchange, bytes lines)

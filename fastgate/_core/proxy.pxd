@@ -5,6 +5,30 @@
 cimport cython
 
 
+# The plugin chain, typed here so that walking it per request reads C fields (callgrind: eight
+# generic attribute lookups per request on a key-auth + acl route).
+cdef class PluginRun:
+    cdef public str name
+    cdef public long priority
+    cdef public object instance
+    cdef public frozenset protocols
+    cdef public object access
+    cdef public object response
+    cdef public object body
+    cdef public object log
+
+
+cdef class Slot:
+    cdef public PluginRun static
+    cdef public int static_level
+    cdef public dict by_consumer
+    cdef public dict by_group
+    cdef public bint dynamic
+
+    @cython.locals(best=PluginRun, level=int, hit=tuple)
+    cpdef PluginRun choose(self, object consumer)
+
+
 cdef class Stats:
     cdef public unsigned long long connections_accepted
     cdef public unsigned long long total_requests
@@ -60,7 +84,7 @@ cdef class Exchange:
     cdef public bint held_paused
     cdef public object body
     cdef public bint body_wanted
-    cdef public object waiting_run
+    cdef public PluginRun waiting_run
     cdef public bytes request_id
     cdef public object match
     cdef public bytes upstream_head
@@ -113,14 +137,15 @@ cdef class ClientConnection:
 
     @cython.locals(match=object, chain=tuple)
     cdef dispatch(self, Exchange exchange)
-    @cython.locals(chain=tuple, count=Py_ssize_t, run=object, slot=object)
+    @cython.locals(chain=tuple, count=Py_ssize_t, run=PluginRun, slot=Slot)
     cdef bint run_access(self, Exchange exchange, Py_ssize_t index)
-    cdef bint call_access(self, Exchange exchange, object run, Py_ssize_t index)
+    cdef bint call_access(self, Exchange exchange, PluginRun run, Py_ssize_t index)
+    @cython.locals(run=PluginRun)
     cdef body_arrived(self, Exchange exchange)
     @cython.locals(body=bytes)
     cdef replace_body(self, Exchange exchange)
-    cdef collect(self, Exchange exchange, object run)
-    @cython.locals(chain=tuple, position=Py_ssize_t)
+    cdef collect(self, Exchange exchange, PluginRun run)
+    @cython.locals(chain=tuple, position=Py_ssize_t, run=PluginRun, slot=Slot)
     cdef collect_rest(self, Exchange exchange, Py_ssize_t index)
     cdef respond_exit(self, Exchange exchange, object result)
     @cython.locals(upstream=UpstreamConnection, pool=UpstreamPool)

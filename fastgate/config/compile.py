@@ -106,7 +106,7 @@ def build_chains(config: Config, routable: list, context: object) -> tuple[dict,
         plugin_class = PLUGINS[plugin.name]
         instance = plugin_class(plugin.config, context)
         watched.update(getattr(instance, "watched_headers", ()))
-        runs[plugin.id] = core.PluginRun(plugin.name, plugin_class.PRIORITY, instance, plugin.protocols)
+        runs[plugin.id] = _core.PluginRun(plugin.name, plugin_class.PRIORITY, instance, plugin.protocols)
     enabled = [plugin for plugin in config.plugins if plugin.id in runs]
 
     # Instances scoped to a consumer or group alone (levels 8, 9) apply to every route: one map
@@ -160,7 +160,7 @@ def build_chains(config: Config, routable: list, context: object) -> tuple[dict,
                         by_group[plugin.consumer_group] = (rank, run)
                 elif rank < static_level:
                     static, static_level = run, rank
-            slots.append((-PLUGINS[name].PRIORITY, name, core.Slot(static, static_level, by_consumer, by_group)))
+            slots.append((-PLUGINS[name].PRIORITY, name, _core.Slot(static, static_level, by_consumer, by_group)))
         if slots:
             slots.sort(key=lambda item: item[:2])
             chains[route.id] = tuple(slot for _, _, slot in slots)

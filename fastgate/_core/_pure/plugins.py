@@ -4,11 +4,7 @@ Like proxy.py, this file is both the pure-Python reference and the source of the
 module `fastgate._core.plugins` (through the symlink fastgate/_core/plugins.py and the
 declarations of fastgate/_core/plugins.pxd).
 
-* `PluginRun`: one configured plugin instance with its phase methods bound once, at snapshot
-  compile time, so the proxy calls `run.access(exchange)` without an attribute lookup.
-* `Slot`: the instances of one plugin name that can apply to a route, with Kong's precedence
-  (behavior.md 3.1) resolved when the snapshot is compiled. Only the consumer-dependent part
-  (consumer and consumer-group scoped instances) is chosen per request, after authentication.
+* The chain a route runs (`PluginRun`, `Slot`) lives in proxy.py, which walks it per request.
 * `Exit`: what an access phase returns to end the request with a response.
 * `ConsumerInfo` / `CredentialInfo`: the consumers and key-auth credentials as the hot path
   needs them (upstream header lines formatted once, on first use).
@@ -358,61 +354,6 @@ class Exit:
         self.content_type = content_type
 
 
-def _phase(instance, name):
-    method = getattr(instance, name, None)
-    if method is not None and not callable(method):
-        raise TypeError(f"{type(instance).__name__}.{name} is a phase name and must be a method")
-    return method
-
-
-class PluginRun:
-    """One plugin instance as a request runs it: its phase methods bound once."""
-
-    def __init__(self, name, priority, instance, protocols):
-        self.name = name
-        self.priority = priority
-        self.instance = instance
-        self.protocols = frozenset(protocol.encode() for protocol in protocols)
-        self.access = _phase(instance, "access")
-        self.response = _phase(instance, "response")
-        self.body = _phase(instance, "body")
-        self.log = _phase(instance, "log")
-
-
-class Slot:
-    """The instances of one plugin name that can apply to one route, with Kong's precedence
-    resolved: `static` is the best instance that does not depend on the consumer (route +
-    service, route, service, global); `by_consumer` / `by_group` map a consumer or consumer
-    group id to (level, instance), level being the rank in behavior.md 3.1 (1 is best)."""
-
-    def __init__(self, static, static_level, by_consumer, by_group):
-        self.static = static
-        self.static_level = static_level
-        self.by_consumer = by_consumer
-        self.by_group = by_group
-        self.dynamic = by_consumer is not None or by_group is not None
-
-    def choose(self, consumer):
-        """The instance for a request of `consumer` (None before authentication)."""
-        best = self.static
-        if consumer is None or not self.dynamic:
-            return best
-        level = self.static_level
-        if self.by_consumer is not None:
-            hit = self.by_consumer.get(consumer.id)
-            if hit is not None and hit[0] < level:
-                level = hit[0]
-                best = hit[1]
-        if self.by_group is not None:
-            # group_ids are sorted by group name: on a tie the alphabetically first group wins.
-            for group_id in consumer.group_ids:
-                hit = self.by_group.get(group_id)
-                if hit is not None and hit[0] < level:
-                    level = hit[0]
-                    best = hit[1]
-        return best
-
-
 class ConsumerInfo:
     """A consumer as the hot path sees it."""
 
@@ -463,10 +404,18 @@ class CredentialInfo:
 def _strip_identity(exchange):
     """Drop a client's copies of the identity headers (only when it sent one)."""
     headers = exchange.headers
-    if headers is not None and not IDENTITY_HEADERS.isdisjoint(headers):
-        exchange.header_parts = without_headers(exchange.header_parts, IDENTITY_HEADERS)
-        for name in IDENTITY_HEADERS:
-            headers.pop(name, None)
+    if headers is None:
+        return
+    # A loop over the few watched headers the client sent, not IDENTITY_HEADERS.isdisjoint():
+    # compiled, the loop is C; the method call cost ~1,000 instructions per request (callgrind).
+    for name in headers:
+        if name in IDENTITY_HEADERS:
+            break
+    else:
+        return
+    exchange.header_parts = without_headers(exchange.header_parts, IDENTITY_HEADERS)
+    for name in IDENTITY_HEADERS:
+        headers.pop(name, None)
 
 
 def _add_upstream(exchange, lines):

@@ -88,6 +88,66 @@ MSG_UNEXPECTED = "An unexpected error occurred"
 JSON_TYPE = b"application/json; charset=utf-8"
 
 
+# -- the plugin chain of a route (plugins themselves: fastgate/_core/_pure/plugins.py) ---------
+
+
+def _phase(instance, name):
+    method = getattr(instance, name, None)
+    if method is not None and not callable(method):
+        raise TypeError(f"{type(instance).__name__}.{name} is a phase name and must be a method")
+    return method
+
+
+class PluginRun:
+    """One plugin instance as a request runs it: its phase methods bound once, at snapshot
+    compile time, so the proxy calls `run.access(exchange)` without an attribute lookup."""
+
+    def __init__(self, name, priority, instance, protocols):
+        self.name = name
+        self.priority = priority
+        self.instance = instance
+        self.protocols = frozenset(protocol.encode() for protocol in protocols)
+        self.access = _phase(instance, "access")
+        self.response = _phase(instance, "response")
+        self.body = _phase(instance, "body")
+        self.log = _phase(instance, "log")
+
+
+class Slot:
+    """The instances of one plugin name that can apply to one route, with Kong's precedence
+    (behavior.md 3.1) resolved when the snapshot is compiled; only the consumer-dependent part
+    is chosen per request, after authentication: `static` is the best instance that does not depend on the consumer (route +
+    service, route, service, global); `by_consumer` / `by_group` map a consumer or consumer
+    group id to (level, instance), level being the rank in behavior.md 3.1 (1 is best)."""
+
+    def __init__(self, static, static_level, by_consumer, by_group):
+        self.static = static
+        self.static_level = static_level
+        self.by_consumer = by_consumer
+        self.by_group = by_group
+        self.dynamic = by_consumer is not None or by_group is not None
+
+    def choose(self, consumer):
+        """The instance for a request of `consumer` (None before authentication)."""
+        best = self.static
+        if consumer is None or not self.dynamic:
+            return best
+        level = self.static_level
+        if self.by_consumer is not None:
+            hit = self.by_consumer.get(consumer.id)
+            if hit is not None and hit[0] < level:
+                level = hit[0]
+                best = hit[1]
+        if self.by_group is not None:
+            # group_ids are sorted by group name: on a tie the alphabetically first group wins.
+            for group_id in consumer.group_ids:
+                hit = self.by_group.get(group_id)
+                if hit is not None and hit[0] < level:
+                    level = hit[0]
+                    best = hit[1]
+        return best
+
+
 class ClientRejected(Exception):
     """Raised inside a parser callback to stop parsing a request the gateway refuses."""
 

@@ -10,6 +10,12 @@ def core(core_module):
     return core_module("plugins")
 
 
+@pytest.fixture
+def chain(core_module):
+    """The plugin chain types live with the proxy that walks them."""
+    return core_module("proxy")
+
+
 class Marker:
     """A plugin instance that only has a name, to see which one a slot picks."""
 
@@ -20,8 +26,8 @@ class Marker:
         return None
 
 
-def run(core, label):
-    return core.PluginRun("p", 10, Marker(label), ["http", "https"])
+def run(chain, label):
+    return chain.PluginRun("p", 10, Marker(label), ["http", "https"])
 
 
 def consumer(core, consumer_id, group_ids=()):
@@ -53,10 +59,10 @@ def test_url_without_args_keeps_the_rest_verbatim(core):
     assert core.url_without_args(b"/p", {b"key"}) == b"/p"
 
 
-def test_slot_precedence(core):
-    static, by_consumer, by_group = run(core, "route"), run(core, "consumer"), run(core, "group")
-    alpha, beta = run(core, "alpha"), run(core, "beta")
-    slot = core.Slot(static, 10, {"c1": (8, by_consumer), "c3": (12, by_consumer)},
+def test_slot_precedence(core, chain):
+    static, by_consumer, by_group = run(chain, "route"), run(chain, "consumer"), run(chain, "group")
+    alpha, beta = run(chain, "alpha"), run(chain, "beta")
+    slot = chain.Slot(static, 10, {"c1": (8, by_consumer), "c3": (12, by_consumer)},
                      {"g-gold": (9, by_group), "g-a": (9, alpha), "g-b": (9, beta)})
     assert slot.dynamic
     assert slot.choose(None) is static  # before authentication
@@ -66,13 +72,13 @@ def test_slot_precedence(core):
     # A tie at one level: the first group in the consumer's order (sorted by name) wins.
     assert slot.choose(consumer(core, "c4", ["g-a", "g-b"])) is alpha
     assert slot.choose(consumer(core, "c4", ["g-b", "g-a"])) is beta
-    only_consumers = core.Slot(None, 13, {"c1": (8, by_consumer)}, None)
+    only_consumers = chain.Slot(None, 13, {"c1": (8, by_consumer)}, None)
     assert only_consumers.choose(consumer(core, "c9")) is None
-    assert not core.Slot(static, 12, None, None).dynamic
+    assert not chain.Slot(static, 12, None, None).dynamic
 
 
-def test_plugin_run_binds_phases(core):
-    bound = run(core, "x")
+def test_plugin_run_binds_phases(chain):
+    bound = run(chain, "x")
     assert bound.access is not None and bound.response is None and bound.log is None
     assert bound.protocols == frozenset({b"http", b"https"})
 
@@ -80,7 +86,7 @@ def test_plugin_run_binds_phases(core):
         body = b"not a method"
 
     with pytest.raises(TypeError, match="phase name"):
-        core.PluginRun("broken", 1, Broken(), ["http"])
+        chain.PluginRun("broken", 1, Broken(), ["http"])
 
 
 def test_consumer_and_credential_upstream_lines(core):
