@@ -329,3 +329,14 @@ def test_pipelined_chunked_body_keeps_its_framing(gateway):
     )
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"200", b"200"]
     assert b'"body": "first part second part"' in reply
+
+
+def test_body_keys_stay_out_of_logs_and_errors(gateway):
+    # Runs after the tests above (same module gateway): none of the keys they sent in bodies,
+    # accepted or refused, reached the gateway's log; refusals never echo the body.
+    response = post(gateway, "/body-key", FORM, b"apikey=secret-key-in-body")
+    assert b"secret-key-in-body" not in response.body
+    response = post(gateway, "/body-key", JSON, b'{"apikey": "secret-key-in-body"')
+    assert b"secret-key-in-body" not in response.body
+    logs = gateway.logs()
+    assert "secret-key-in-body" not in logs and "alice-key" not in logs and "bob-key" not in logs
