@@ -20,14 +20,11 @@ cdef class ConsumerInfo:
     cdef public object username
     cdef public object custom_id
     cdef public tuple acl_groups
-    cdef public frozenset acl_group_set
     cdef public tuple group_ids
     cdef public tuple group_names
     cdef public bytes identity_lines
     cdef public bytes groups_line
     cdef public bytes groups_with_consumer_groups_line
-
-    cpdef bytes consumer_lines(self)
 
 
 cdef class CredentialInfo:
@@ -35,8 +32,6 @@ cdef class CredentialInfo:
     cdef public ConsumerInfo consumer
     cdef public double expires_at
     cdef public bytes lines
-
-    cpdef bytes upstream_lines(self)
 
 
 @cython.locals(headers=dict, name=bytes)
@@ -85,8 +80,6 @@ cdef class AclHandler:
 
     @cython.locals(consumer=ConsumerInfo, groups=tuple, headers=dict, header_name=bytes)
     cpdef access(self, Exchange exchange)
-    @cython.locals(line=bytes)
-    cdef bytes consumer_groups_line(self, ConsumerInfo consumer, tuple groups)
 
 
 cdef class RequestTerminationHandler:

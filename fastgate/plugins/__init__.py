@@ -18,7 +18,13 @@ A plugin is a class with:
   - `body(exchange, chunk) -> bytes`: each response body chunk as it passes;
   - `log(exchange, status)`: after the response went out, off the client's path;
 * `watched_headers` (optional): canonical request header names (lower case, `-` for `_`) the
-  plugin reads from `exchange.headers`.
+  plugin reads from `exchange.headers`;
+* `exchange.read_body()` in `access`, for a plugin that must see the whole request body before
+  it decides: the body (b"" without one), or None while it is still arriving, in which case
+  `access` returns None having changed nothing and is called again once the body is complete
+  (buffered up to 1 MiB, past which the client gets 413). Setting `exchange.body` replaces the
+  body the upstream gets (sent with its own Content-Length). Requests on routes whose plugins
+  never call it stream their bodies unbuffered.
 
 The built-in plugins subclass the compiled handlers of fastgate/_core/_pure/plugins.py. A team's
 own plugin is a plain Python class with the same interface, named in FASTGATE_PLUGINS.

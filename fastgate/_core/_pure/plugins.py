@@ -364,24 +364,24 @@ class ConsumerInfo:
         # ACL groups in file order (Kong sends them in DB order), and the consumer groups the
         # consumer belongs to: ids sorted by group name (plugin precedence), names in that order.
         self.acl_groups = tuple(acl_groups)
-        self.acl_group_set = frozenset(acl_groups)
         self.group_ids = tuple(group_ids)
         self.group_names = tuple(group_names)
-        self.identity_lines = b""
-        self.groups_line = b""
-        self.groups_with_consumer_groups_line = b""
-
-    def consumer_lines(self):
-        """X-Consumer-ID / -Custom-ID / -Username lines (absent fields send no header)."""
-        lines = self.identity_lines
-        if not lines:
-            lines = b"X-Consumer-ID: " + self.id.encode() + b"\r\n"
-            if self.custom_id is not None:
-                lines += b"X-Consumer-Custom-ID: " + self.custom_id.encode() + b"\r\n"
-            if self.username is not None:
-                lines += b"X-Consumer-Username: " + self.username.encode() + b"\r\n"
-            self.identity_lines = lines
-        return lines
+        # The upstream header lines, formatted here rather than on first use: made while the
+        # snapshot is compiled, they sit packed together instead of scattered among request
+        # garbage, which cost ~0.4 us per request among 100,000 consumers (bench/README.md).
+        # X-Consumer-ID / -Custom-ID / -Username (absent fields send no header):
+        lines = b"X-Consumer-ID: " + id.encode() + b"\r\n"
+        if custom_id is not None:
+            lines += b"X-Consumer-Custom-ID: " + custom_id.encode() + b"\r\n"
+        if username is not None:
+            lines += b"X-Consumer-Username: " + username.encode() + b"\r\n"
+        self.identity_lines = lines
+        # acl's X-Consumer-Groups, without and with (include_consumer_groups) the consumer
+        # groups' names.
+        self.groups_line = b"X-Consumer-Groups: " + ", ".join(self.acl_groups).encode() + b"\r\n"
+        self.groups_with_consumer_groups_line = (
+            b"X-Consumer-Groups: " + ", ".join(self.acl_groups + self.group_names).encode() + b"\r\n"
+        )
 
 
 class CredentialInfo:
@@ -391,14 +391,8 @@ class CredentialInfo:
         self.id = id
         self.consumer = consumer
         self.expires_at = expires_at
-        self.lines = b""
-
-    def upstream_lines(self):
-        lines = self.lines
-        if not lines:
-            lines = self.consumer.consumer_lines() + b"X-Credential-Identifier: " + self.id.encode() + b"\r\n"
-            self.lines = lines
-        return lines
+        # Formatted here for the reason in ConsumerInfo.
+        self.lines = consumer.identity_lines + b"X-Credential-Identifier: " + id.encode() + b"\r\n"
 
 
 def _strip_identity(exchange):
@@ -495,7 +489,7 @@ class KeyAuthHandler:
             return Exit(500, "anonymous consumer " + self.anonymous_reference + " is configured but doesn't exist")
         _strip_identity(exchange)
         exchange.consumer = consumer
-        _add_upstream(exchange, consumer.consumer_lines() + b"X-Anonymous-Consumer: true\r\n")
+        _add_upstream(exchange, consumer.identity_lines + b"X-Anonymous-Consumer: true\r\n")
         return None
 
     def authenticate(self, exchange, body):
@@ -535,7 +529,7 @@ class KeyAuthHandler:
         _strip_identity(exchange)
         exchange.consumer = credential.consumer
         exchange.credential = credential
-        _add_upstream(exchange, credential.upstream_lines())
+        _add_upstream(exchange, credential.lines)
         return None
 
     def hide(self, exchange, position, body):
@@ -600,22 +594,9 @@ class AclHandler:
             if from_authenticated:
                 _add_upstream(exchange, b"X-Authenticated-Groups: " + ", ".join(groups).encode() + b"\r\n")
             else:
-                _add_upstream(exchange, self.consumer_groups_line(consumer, groups))
+                _add_upstream(exchange, consumer.groups_with_consumer_groups_line if self.include_consumer_groups
+                              else consumer.groups_line)
         return None
-
-    def consumer_groups_line(self, consumer, groups):
-        # Formatted once per consumer (two forms: with and without consumer-group names).
-        if self.include_consumer_groups:
-            line = consumer.groups_with_consumer_groups_line
-            if not line:
-                line = consumer.groups_with_consumer_groups_line = (
-                    b"X-Consumer-Groups: " + ", ".join(groups).encode() + b"\r\n"
-                )
-        else:
-            line = consumer.groups_line
-            if not line:
-                line = consumer.groups_line = b"X-Consumer-Groups: " + ", ".join(groups).encode() + b"\r\n"
-        return line
 
 
 # -- request-termination (behavior.md 7.2) ----------------------------------------------------

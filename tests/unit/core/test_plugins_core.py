@@ -90,11 +90,13 @@ def test_plugin_run_binds_phases(chain):
 
 
 def test_consumer_and_credential_upstream_lines(core):
-    info = core.ConsumerInfo("id-1", "alice", None, ("chat",), [], [])
-    assert info.consumer_lines() == b"X-Consumer-ID: id-1\r\nX-Consumer-Username: alice\r\n"
+    info = core.ConsumerInfo("id-1", "alice", None, ("chat", "admin"), ["g-1"], ["gold"])
+    assert info.identity_lines == b"X-Consumer-ID: id-1\r\nX-Consumer-Username: alice\r\n"
+    assert info.groups_line == b"X-Consumer-Groups: chat, admin\r\n"
+    assert info.groups_with_consumer_groups_line == b"X-Consumer-Groups: chat, admin, gold\r\n"
     credential = core.CredentialInfo("cred-1", info, 0.0)
-    assert credential.upstream_lines() == info.consumer_lines() + b"X-Credential-Identifier: cred-1\r\n"
-    assert core.ConsumerInfo("id-2", None, "c-2", (), [], []).consumer_lines() == (
+    assert credential.lines == info.identity_lines + b"X-Credential-Identifier: cred-1\r\n"
+    assert core.ConsumerInfo("id-2", None, "c-2", (), [], []).identity_lines == (
         b"X-Consumer-ID: id-2\r\nX-Consumer-Custom-ID: c-2\r\n"
     )
 
