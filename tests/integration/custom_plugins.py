@@ -49,3 +49,26 @@ class Audit:
         if self.config.log_path:
             with open(self.config.log_path, "a") as log:
                 log.write(f"{exchange.method.decode()} {exchange.url.decode()} {status}\n")
+
+
+class DirectoryGroupsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    header: str = "x-directory-groups"
+
+
+class DirectoryGroups:
+    """Stands for an LDAP/OIDC plugin: it sets the groups a directory authenticated, as Kong's
+    ldap-auth sets authenticated_groups, for acl's always_use_authenticated_groups."""
+
+    NAME = "team-directory"
+    PRIORITY = 1200  # after key-auth (1250), before acl (950)
+    Config = DirectoryGroupsConfig
+
+    def __init__(self, config, context):
+        self.header = config.header.lower().encode()
+        self.watched_headers = (self.header,)
+
+    def access(self, exchange):
+        values = exchange.headers.get(self.header) if exchange.headers is not None else None
+        if values:
+            exchange.authenticated_groups = [group.strip() for group in values[0].decode().split(",")]
+        return None

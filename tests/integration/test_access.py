@@ -68,10 +68,12 @@ def CONFIG(upstream):
              "groups": [{"name": "silver"}, {"name": "bronze"}]},
             {"username": "anonymous", "id": "{ANON_ID}", "acls": [{"group": "guests"}]},
             {"username": "nogroups", "keyauth_credentials": [{"key": "nogroups-key"}]},
+            # A member through consumer_groups[].consumers (the other membership form).
+            {"username": "dave", "keyauth_credentials": [{"key": "dave-key"}]},
         ],
         "consumer_groups": [
             {"name": "gold", "plugins": _add("gold")},
-            {"name": "silver", "plugins": _add("silver")},
+            {"name": "silver", "consumers": [{"username": "dave"}], "plugins": _add("silver")},
             {"name": "bronze", "consumers": [], "plugins": _add("bronze")},
         ],
         "plugins": [
@@ -289,6 +291,7 @@ def test_acl_consumer_groups_count_only_when_included(gateway):
         ("alice-key", "consumer"),  # consumer (8) beats her group gold (9) and the route (10)
         ("carol-key", "bronze"),  # groups silver and bronze tie at 9: the alphabetically first wins
         ("nogroups-key", "route"),  # nothing consumer-specific: the route's instance
+        ("dave-key", "silver"),  # member through the group's own consumers list
     ],
 )
 def test_one_instance_per_plugin_by_precedence(gateway, key, scope):

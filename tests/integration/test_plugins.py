@@ -66,6 +66,10 @@ def CONFIG(upstream, log_path):
                         "append": {"headers": ["x-present:appended"], "querystring": ["v:second"]},
                     }},
                 ]},
+                route("directory", {"name": "key-auth", "config": {"anonymous": "guest"}}, {"name": "team-directory"},
+                      {"name": "acl", "config": {"allow": ["staff"]}}),
+                route("directory-always", {"name": "key-auth"}, {"name": "team-directory"},
+                      {"name": "acl", "config": {"allow": ["staff"], "always_use_authenticated_groups": True}}),
                 route("audit", audit),
                 route("audit-fail", {"name": "team-audit", "config": {"fail_in_access": True}}),
                 route("short", {"name": "key-auth"}, {"name": "team-audit"},
@@ -81,7 +85,7 @@ def CONFIG(upstream, log_path):
             route("nosvc", termination(status_code=200, message="maintenance")),
             route("nosvc-plain"),
         ],
-        "consumers": [{"username": "alice", "keyauth_credentials": [{"key": "alice-key"}]}],
+        "consumers": [{"username": "alice", "keyauth_credentials": [{"key": "alice-key"}]}, {"username": "guest"}],
     }
 
 
@@ -92,7 +96,7 @@ def gateway(request, tmp_path_factory):
     log_path = directory / "audit.log"
     process = GatewayProcess(
         directory, CONFIG(upstream, log_path), impl=request.param,
-        env={"FASTGATE_PLUGINS": "tests.integration.custom_plugins:Audit"},
+        env={"FASTGATE_PLUGINS": "tests.integration.custom_plugins:Audit,tests.integration.custom_plugins:DirectoryGroups"},
     )
     process.audit_log = log_path
     yield process
@@ -303,6 +307,25 @@ def test_request_transformer(gateway):
     assert headers["x-cap"] == ["42"]
     assert headers["x-present"] == ["orig", "appended"]
     assert headers["host"] == ["rewritten.test"]
+
+
+# -- acl with groups another plugin authenticated (behavior.md 5) ----------------------------
+
+
+def test_acl_uses_authenticated_groups_when_there_is_no_credential(gateway):
+    groups = {"x-directory-groups": "staff, ops"}
+    # Anonymous (no credential): the directory's groups decide, and go upstream as
+    # X-Authenticated-Groups, not X-Consumer-Groups.
+    response = gateway.request("GET", "/directory", groups)
+    headers = echoed(response)["headers"]
+    assert headers.get("x-authenticated-groups", []) == ["staff, ops"]
+    assert headers.get("x-consumer-groups", []) == []
+    # A real credential (alice has no ACL groups): her groups decide, so she is refused...
+    assert gateway.request("GET", "/directory", {"apikey": "alice-key", **groups}).status == 403
+    # ...unless always_use_authenticated_groups.
+    response = gateway.request("GET", "/directory-always", {"apikey": "alice-key", **groups})
+    assert echoed(response)["headers"].get("x-authenticated-groups", []) == ["staff, ops"]
+    assert gateway.request("GET", "/directory-always", {"apikey": "alice-key"}).status == 403
 
 
 # -- a team's own plugin (FASTGATE_PLUGINS) ---------------------------------------------------
