@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests.integration.test_plugins import echoed as echoed_request
+
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 BOUNDARY = "fgBoundary7d2"
@@ -66,12 +68,8 @@ def gateway(module_gateway):
 
 
 def echoed(response) -> dict:
-    assert response.status == 200, (response.status, response.body)
-    document = response.json()
-    headers: dict[str, list[str]] = {}
-    for name, value in document["headers"]:
-        headers.setdefault(name.lower(), []).append(value)
-    document["headers"] = headers
+    """The echo upstream's view of the request, its body as bytes."""
+    document = echoed_request(response)
     document["body"] = document["body"].encode("latin-1")
     return document
 
