@@ -7,7 +7,7 @@ import sys
 import fastgate._core as core
 from fastgate.settings import extensions_disabled
 
-COMPILED_MODULES = ["router", "proxy", "keys", "plugins"]
+COMPILED_MODULES = ["router", "proxy", "keys", "plugins", "limiter"]
 
 
 def test_compiled_modules_loaded():

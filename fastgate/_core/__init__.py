@@ -13,7 +13,7 @@ import importlib
 
 from fastgate.settings import extensions_disabled
 
-MODULES = ("router", "proxy", "keys", "plugins")
+MODULES = ("router", "proxy", "keys", "plugins", "limiter")
 
 EXTENSION_ERROR: str | None = None
 if extensions_disabled():
@@ -34,6 +34,7 @@ _package = "fastgate._core._pure" if EXTENSION_ERROR is not None else "fastgate.
 _router = importlib.import_module(f"{_package}.router")
 _proxy = importlib.import_module(f"{_package}.proxy")
 _keys = importlib.import_module(f"{_package}.keys")
+_limiter = importlib.import_module(f"{_package}.limiter")
 # The plugin runtime and the built-in plugins' handlers, as a module (fastgate/plugins/*.py
 # subclass its classes); named plugin_core, not plugins, for the reason above.
 plugin_core = importlib.import_module(f"{_package}.plugins")
@@ -46,8 +47,9 @@ PluginRun = _proxy.PluginRun
 Slot = _proxy.Slot
 ErrorTemplate = _proxy.ErrorTemplate
 KeyIndex = _keys.KeyIndex
+SharedCounters = _limiter.SharedCounters
 
 __all__ = [
-    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "PluginRun", "Router", "Slot",
+    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "PluginRun", "Router", "SharedCounters", "Slot",
     "normalize_path", "plugin_core",
 ]
