@@ -48,8 +48,9 @@ Slot = _proxy.Slot
 ErrorTemplate = _proxy.ErrorTemplate
 KeyIndex = _keys.KeyIndex
 SharedCounters = _limiter.SharedCounters
+initialise_counters = _limiter.initialise
 
 __all__ = [
-    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "PluginRun", "Router", "SharedCounters", "Slot",
+    "EXTENSION_ERROR", "IMPLEMENTATION", "ErrorTemplate", "Gateway", "KeyIndex", "Match", "PluginRun", "Router", "SharedCounters", "Slot", "initialise_counters",
     "normalize_path", "plugin_core",
 ]

@@ -44,6 +44,11 @@ cdef class PluginContext:
     cdef public dict consumers
     cdef public dict consumers_by_username
     cdef public object key_index
+    cdef public object counters
+    cdef public object plugin_id
+    cdef public object route_id
+    cdef public object service_id
+    cdef public object consumer_group_id
 
 
 cdef class KeyAuthHandler:
@@ -169,3 +174,62 @@ cdef class ResponseTransformerHandler:
     cdef public HeaderEdits headers
 
     cpdef response(self, Exchange exchange, int status, list parts)
+
+
+cdef class RateLimitBase:
+    cdef public int limit_by
+    cdef public bytes header_name
+    cdef public bytes path
+    cdef public bytes scope_group
+    cdef public object counters
+    cdef public bint hide_client_headers
+    cdef public int error_code
+    cdef public str error_message
+    cdef public tuple watched_headers
+
+    cdef init_identifier(self, object config, object context, str limit_by)
+    @cython.locals(values=list, url=bytes, query_at=Py_ssize_t)
+    cdef bytes identifier(self, Exchange exchange)
+    @cython.locals(data=dict, lines=list)
+    cpdef response(self, Exchange exchange, int status, list parts)
+    cdef keep_headers(self, Exchange exchange, list lines)
+
+
+cdef _header(list parts, bytes name, bytes value)
+
+
+cdef class RateLimitingHandler(RateLimitBase):
+    cdef public bytes scope
+    cdef public tuple names
+    cdef public tuple seconds
+    cdef public tuple windows
+    cdef public tuple limits
+    cdef public tuple limit_lines
+    cdef public tuple remaining_names
+
+    @cython.locals(starts=list, seconds=long)
+    cdef tuple window_starts(self, double now)
+    @cython.locals(identifier=bytes, now=double, starts=tuple, prefix=bytes, keys=tuple, denied=Py_ssize_t)
+    cpdef access(self, Exchange exchange)
+    @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, shown=double, i=Py_ssize_t)
+    cdef list headers(self, double now, tuple starts, list usages, Py_ssize_t denied)
+
+
+cdef class RateLimitingAdvancedHandler(RateLimitBase):
+    cdef public tuple limits
+    cdef public tuple sizes
+    cdef public tuple windows
+    cdef public bint sliding
+    cdef public bint penalty
+    cdef public int jitter
+    cdef public tuple suffixes
+    cdef public bytes prefix
+    cdef public tuple limit_lines
+    cdef public tuple remaining_names
+
+    @cython.locals(identifier=bytes, now=double, prefix=bytes, count=Py_ssize_t, keys=list, starts=list,
+                   weights=list, window=cython.longlong, now_ms=cython.longlong, start=cython.longlong, denied=Py_ssize_t, i=Py_ssize_t)
+    cpdef access(self, Exchange exchange)
+    @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, size=long, reset=long,
+                   over=double, i=Py_ssize_t)
+    cdef list headers(self, double now, list starts, list rates, Py_ssize_t denied)

@@ -13,6 +13,7 @@ consults once it has a consumer (behavior.md 3.1).
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from collections import defaultdict
@@ -64,6 +65,27 @@ def level(plugin: Plugin) -> int:
                    plugin.route is not None, plugin.service is not None)]
 
 
+# The rate-limit counters every worker of this node shares (fastgate/_core/_pure/limiter.py):
+# the worker maps the supervisor's segment (use_node_counters); any other process that compiles
+# a snapshot (validation, tests, benchmarks) gets a segment of its own on first use.
+COUNTER_SLOTS = 131_072  # 6 MiB: room for 131,072 live (identifier, window) pairs
+_node_counters = None
+
+
+def use_node_counters(counters) -> None:
+    global _node_counters
+    _node_counters = counters
+
+
+def node_counters():
+    global _node_counters
+    if _node_counters is None:
+        fd = os.memfd_create("fastgate-counters", os.MFD_CLOEXEC)
+        _core.initialise_counters(fd, COUNTER_SLOTS)
+        _node_counters = _core.SharedCounters(fd, COUNTER_SLOTS)
+    return _node_counters
+
+
 def build_context(config: Config) -> object:
     """Consumers as the hot path needs them, and the key index of every key-auth credential."""
     groups_by_id = {group.id: group for group in config.consumer_groups}
@@ -96,7 +118,7 @@ def build_context(config: Config) -> object:
         ))
         for credential in config.keyauth_credentials
     ]
-    return core.PluginContext(consumers, by_username, _core.KeyIndex(entries))
+    return core.PluginContext(consumers, by_username, _core.KeyIndex(entries), node_counters())
 
 
 def build_chains(config: Config, routable: list, context: object) -> tuple[dict, set]:
@@ -107,7 +129,9 @@ def build_chains(config: Config, routable: list, context: object) -> tuple[dict,
         if not plugin.enabled:
             continue  # Kong leaves disabled instances out: a broader enabled one applies
         plugin_class = PLUGINS[plugin.name]
-        instance = plugin_class(plugin.config, context)
+        instance = plugin_class(
+            plugin.config, context.scoped(plugin.id, plugin.route, plugin.service, plugin.consumer_group),
+        )
         watched.update(getattr(instance, "watched_headers", ()))
         runs[plugin.id] = _core.PluginRun(plugin.name, plugin_class.PRIORITY, instance, plugin.protocols)
     enabled = [plugin for plugin in config.plugins if plugin.id in runs]

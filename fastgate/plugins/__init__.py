@@ -38,11 +38,16 @@ from fastgate.plugins.acl import Acl
 from fastgate.plugins.correlation_id import CorrelationId
 from fastgate.plugins.cors import Cors
 from fastgate.plugins.key_auth import KeyAuth
+from fastgate.plugins.rate_limiting import RateLimiting
+from fastgate.plugins.rate_limiting_advanced import RateLimitingAdvanced
 from fastgate.plugins.request_termination import RequestTermination
 from fastgate.plugins.request_transformer import RequestTransformer
 from fastgate.plugins.response_transformer import ResponseTransformer
 
-BUILT_IN = (Acl, CorrelationId, Cors, KeyAuth, RequestTermination, RequestTransformer, ResponseTransformer)
+BUILT_IN = (
+    Acl, CorrelationId, Cors, KeyAuth, RateLimiting, RateLimitingAdvanced, RequestTermination, RequestTransformer,
+    ResponseTransformer,
+)
 
 PLUGINS: dict[str, type] = {plugin.NAME: plugin for plugin in BUILT_IN}
 

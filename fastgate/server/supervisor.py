@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -14,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from fastgate import __version__
+from fastgate import __version__, _core
 from fastgate.config import ConfigError
+from fastgate.config.compile import COUNTER_SLOTS
 from fastgate.config.load import read_source
 from fastgate.server.control import ControlChannel
 from fastgate.server.worker import build_snapshot, server_ssl_context
@@ -55,6 +57,10 @@ class Supervisor:
         self.status_ids = itertools.count(1)
         self.status_waiters: dict[int, asyncio.Future] = {}
         self.admin_runner: web.AppRunner | None = None
+        # The node's rate-limit counters: one shared memory segment every worker maps, so the
+        # workers count together (a restarted worker maps the same one and loses nothing).
+        self.counters_fd = os.memfd_create("fastgate-counters")
+        _core.initialise_counters(self.counters_fd, COUNTER_SLOTS)
 
     # -- config ------------------------------------------------------------------------------
 
@@ -84,8 +90,9 @@ class Supervisor:
         parent, child = socket.socketpair()
         with child:
             process = subprocess.Popen(
-                [sys.executable, "-m", "fastgate.server.worker", "--fd", str(child.fileno()), "--index", str(index)],
-                pass_fds=[child.fileno()],
+                [sys.executable, "-m", "fastgate.server.worker", "--fd", str(child.fileno()), "--index", str(index),
+                 "--counters-fd", str(self.counters_fd)],
+                pass_fds=[child.fileno(), self.counters_fd],
             )
         channel = await ControlChannel.open(parent)
         worker = WorkerHandle(index, process, channel)

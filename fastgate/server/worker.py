@@ -1,6 +1,7 @@
 """A worker process: one uvloop event loop serving every proxy listener (SO_REUSEPORT).
 
-Started by the supervisor as `python -m fastgate.server.worker --fd N --index I`; it takes its
+Started by the supervisor as `python -m fastgate.server.worker --fd N --index I --counters-fd C`
+(C: the node's shared rate-limit counters); it takes its
 config and orders over the control channel on fd N (see control.py):
   supervisor -> worker: config {source}, status {id}, drain {}
   worker -> supervisor: ready {configuration_hash}, reloaded {configuration_hash},
@@ -22,7 +23,7 @@ import uvloop
 
 from fastgate import _core
 from fastgate.config import ConfigError, parse_config
-from fastgate.config.compile import Snapshot, compile_snapshot
+from fastgate.config.compile import COUNTER_SLOTS, Snapshot, compile_snapshot, use_node_counters
 from fastgate.server.control import ControlChannel
 from fastgate.plugins import load_custom
 from fastgate.settings import Settings, load_settings
@@ -153,9 +154,11 @@ def configure_logging(level: str) -> None:
     )
 
 
-async def _main(fd: int, index: int) -> int:
+async def _main(fd: int, index: int, counters_fd: int | None) -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
+    if counters_fd is not None:
+        use_node_counters(_core.SharedCounters(counters_fd, COUNTER_SLOTS))
     load_custom(settings.plugins)  # the supervisor loaded them once already: they load
     channel = await ControlChannel.open(socket.socket(fileno=fd))
     return await Worker(settings, channel, index).run()
@@ -165,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgate-worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--index", type=int, default=0)
+    # The node's shared rate-limit counters (supervisor.py); without it, counters of its own.
+    parser.add_argument("--counters-fd", type=int, default=None)
     args = parser.parse_args(argv)
-    return uvloop.run(_main(args.fd, args.index))
+    return uvloop.run(_main(args.fd, args.index, args.counters_fd))
 
 
 if __name__ == "__main__":

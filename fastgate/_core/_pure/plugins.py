@@ -15,7 +15,9 @@ A phase method receives the proxy's `Exchange` (method, url, headers, header_par
 consumer, credential, upstream_extra, ...); see the Plugin docs in fastgate/plugins/__init__.py.
 """
 
+import calendar
 import os
+import random
 import re
 import time
 import uuid
@@ -423,10 +425,25 @@ def _add_upstream(exchange, lines):
 class PluginContext:
     """What a plugin instance may use from the snapshot being compiled."""
 
-    def __init__(self, consumers, consumers_by_username, key_index):
+    def __init__(self, consumers, consumers_by_username, key_index, counters):
         self.consumers = consumers  # id -> ConsumerInfo
         self.consumers_by_username = consumers_by_username
         self.key_index = key_index  # KeyIndex: key -> CredentialInfo
+        self.counters = counters  # SharedCounters: the node's rate-limit counters
+        # The instance being made: its id and what it is scoped to (None when not).
+        self.plugin_id = None
+        self.route_id = None
+        self.service_id = None
+        self.consumer_group_id = None
+
+    def scoped(self, plugin_id, route_id, service_id, consumer_group_id):
+        """This context for one plugin instance."""
+        context = PluginContext(self.consumers, self.consumers_by_username, self.key_index, self.counters)
+        context.plugin_id = plugin_id
+        context.route_id = route_id
+        context.service_id = service_id
+        context.consumer_group_id = consumer_group_id
+        return context
 
     def find_consumer(self, reference):
         """A consumer by id or username (key-auth's `anonymous`), or None."""
@@ -1096,6 +1113,240 @@ class RequestTransformerHandler:
         self.query_edits.apply(args, exchange)
         encoded = args.encode()
         return base + b"?" + encoded if encoded else base
+
+
+# -- rate-limiting and rate-limiting-advanced (behavior.md 6) ---------------------------------
+
+LIMIT_BY_CONSUMER = 0
+LIMIT_BY_CREDENTIAL = 1
+LIMIT_BY_IP = 2
+LIMIT_BY_SERVICE = 3
+LIMIT_BY_HEADER = 4
+LIMIT_BY_PATH = 5
+LIMIT_BY_CONSUMER_GROUP = 6
+LIMIT_BY = {
+    "consumer": LIMIT_BY_CONSUMER, "credential": LIMIT_BY_CREDENTIAL, "ip": LIMIT_BY_IP,
+    "service": LIMIT_BY_SERVICE, "header": LIMIT_BY_HEADER, "path": LIMIT_BY_PATH,
+    "consumer-group": LIMIT_BY_CONSUMER_GROUP,
+}
+MSG_RATE_LIMITED = "API rate limit exceeded"
+# Kong's names of the usual windows, in the X-RateLimit-* header names.
+WINDOW_NAMES = {1: "Second", 60: "Minute", 3600: "Hour", 86400: "Day", 2592000: "Month", 31536000: "Year"}
+# rate-limiting's periods and their lengths in seconds (Kong's counter expirations).
+PERIODS = (("second", 1), ("minute", 60), ("hour", 3600), ("day", 86400), ("month", 2592000), ("year", 31536000))
+UNSCOPED = "00000000-0000-0000-0000-000000000000"
+
+
+class RateLimitBase:
+    """What both rate-limiting plugins share: whose requests count together (the identifier,
+    falling back to the client address when the chosen one is missing, as in Kong), and the
+    response headers of the decision."""
+
+    def init_identifier(self, config, context, limit_by):
+        self.limit_by = LIMIT_BY[limit_by]
+        self.header_name = canonical_header(config.header_name.encode()) if config.header_name else b""
+        self.path = config.path.encode() if config.path else b""
+        self.scope_group = context.consumer_group_id.encode() if context.consumer_group_id else b""
+        self.counters = context.counters
+        self.hide_client_headers = config.hide_client_headers
+        self.error_code = config.error_code
+        self.error_message = config.error_message
+        self.watched_headers = (self.header_name,) if self.header_name else ()
+
+    def identifier(self, exchange):
+        limit_by = self.limit_by
+        if limit_by == LIMIT_BY_CONSUMER:
+            if exchange.consumer is not None:
+                return exchange.consumer.id.encode()
+            if exchange.credential is not None:
+                return exchange.credential.id.encode()
+        elif limit_by == LIMIT_BY_CREDENTIAL:
+            if exchange.credential is not None:
+                return exchange.credential.id.encode()
+        elif limit_by == LIMIT_BY_SERVICE:
+            if exchange.match is not None and exchange.match.service is not None:
+                return exchange.match.service.id.encode()
+        elif limit_by == LIMIT_BY_HEADER:
+            values = exchange.headers.get(self.header_name) if exchange.headers is not None else None
+            if values:
+                return values[0]
+        elif limit_by == LIMIT_BY_PATH:
+            url = exchange.url
+            query_at = url.find(b"?")
+            if (url if query_at < 0 else url[:query_at]) == self.path:
+                return self.path
+        elif limit_by == LIMIT_BY_CONSUMER_GROUP:
+            if self.scope_group:
+                return self.scope_group
+            if exchange.consumer is not None and exchange.consumer.group_ids:
+                return exchange.consumer.group_ids[0].encode()
+        return exchange.client.peer
+
+    def response(self, exchange, status, parts):
+        data = exchange.plugin_data
+        if data is not None:
+            lines = data.get(self)
+            if lines is not None:
+                parts.extend(lines)
+
+    def keep_headers(self, exchange, lines):
+        if exchange.plugin_data is None:
+            exchange.plugin_data = {}
+        exchange.plugin_data[self] = lines
+
+
+def _header(parts, name, value):
+    parts.append(name)
+    parts.append(b": ")
+    parts.append(value)
+    parts.append(b"\r\n")
+
+
+class RateLimitingHandler(RateLimitBase):
+    """rate-limiting (behavior.md 6.1), policy local: fixed calendar windows (UTC), a request
+    that would exceed a window is denied and counts nowhere."""
+
+    def __init__(self, config, context):
+        self.init_identifier(config, context, config.limit_by)
+        periods = [(name, seconds, getattr(config, name)) for name, seconds in PERIODS if getattr(config, name)]
+        scope = "%s:%s" % (context.route_id or UNSCOPED, context.service_id or UNSCOPED)
+        self.scope = scope.encode()
+        self.names = tuple(name for name, _, _ in periods)
+        self.seconds = tuple(seconds for _, seconds, _ in periods)
+        self.windows = tuple(seconds * 1000 for _, seconds, _ in periods)
+        self.limits = tuple(float(limit) for _, _, limit in periods)
+        self.limit_lines = tuple(
+            (b"X-RateLimit-Limit-" + WINDOW_NAMES[seconds].encode(), b"%d" % limit) for _, seconds, limit in periods
+        )
+        self.remaining_names = tuple(b"X-RateLimit-Remaining-" + WINDOW_NAMES[seconds].encode() for _, seconds, _ in periods)
+
+    def window_starts(self, now):
+        """Each period's window start in ms: fixed calendar windows in UTC."""
+        starts = []
+        for seconds in self.seconds:
+            if seconds < 2592000:
+                starts.append(int(now // seconds) * seconds * 1000)
+            else:
+                moment = time.gmtime(now)
+                month = moment.tm_mon if seconds == 2592000 else 1
+                starts.append(calendar.timegm((moment.tm_year, month, 1, 0, 0, 0)) * 1000)
+        return tuple(starts)
+
+    def access(self, exchange):
+        identifier = self.identifier(exchange)
+        now = time.time()
+        starts = self.window_starts(now)
+        prefix = self.scope + b":" + identifier + b":"
+        keys = tuple([prefix + name.encode() for name in self.names])
+        denied, usages = self.counters.take_fixed(keys, starts, self.windows, self.limits)
+        if not self.hide_client_headers:
+            self.keep_headers(exchange, self.headers(now, starts, usages, denied))
+        if denied >= 0:
+            return Exit(self.error_code, self.error_message)
+        return None
+
+    def headers(self, now, starts, usages, denied):
+        parts = []
+        lowest = -1
+        lowest_remaining = 0.0
+        for i in range(len(self.limits)):
+            remaining = self.limits[i] - usages[i]
+            if denied < 0 or denied == i:
+                shown = remaining - 1
+            else:
+                shown = remaining
+            name, limit = self.limit_lines[i]
+            _header(parts, name, limit)
+            _header(parts, self.remaining_names[i], b"%d" % max(0, shown))
+            # RateLimit-*: the period with the least left; on a tie the longer one (later here).
+            if lowest < 0 or remaining <= lowest_remaining:
+                lowest = i
+                lowest_remaining = remaining
+        reset = max(1, self.seconds[lowest] - int((now * 1000 - starts[lowest]) // 1000))
+        shown = lowest_remaining - 1 if denied < 0 or denied == lowest else lowest_remaining
+        _header(parts, b"RateLimit-Limit", self.limit_lines[lowest][1])
+        _header(parts, b"RateLimit-Remaining", b"%d" % max(0, shown))
+        _header(parts, b"RateLimit-Reset", b"%d" % reset)
+        if denied >= 0:
+            _header(parts, b"Retry-After", b"%d" % reset)
+        return parts
+
+
+class RateLimitingAdvancedHandler(RateLimitBase):
+    """rate-limiting-advanced (behavior.md 6.2), strategy local: sliding (or fixed) windows of
+    any size; the sliding rate is the current window's count plus the previous window's
+    weighted by the part of it still inside the sliding window."""
+
+    def __init__(self, config, context):
+        self.init_identifier(config, context, config.identifier)
+        pairs = sorted(zip(config.limit, config.window_size))  # by limit (Kong sorts them)
+        self.limits = tuple(float(limit) for limit, _ in pairs)
+        self.sizes = tuple(size for _, size in pairs)
+        self.windows = tuple(size * 1000 for size in self.sizes)
+        self.sliding = config.window_type == "sliding"
+        self.penalty = not config.disable_penalty
+        self.jitter = config.retry_after_jitter_max
+        namespace = config.namespace or context.plugin_id or ""
+        self.suffixes = tuple(b"|%d" % size for size in self.sizes)
+        self.prefix = namespace.encode() + b"|"
+        names = [WINDOW_NAMES.get(size, str(size)).encode() for size in self.sizes]
+        self.limit_lines = tuple(
+            (b"X-RateLimit-Limit-" + name, b"%d" % limit if limit == int(limit) else str(limit).encode())
+            for name, limit in zip(names, self.limits)
+        )
+        self.remaining_names = tuple(b"X-RateLimit-Remaining-" + name for name in names)
+
+    def access(self, exchange):
+        identifier = self.identifier(exchange)
+        now = time.time()
+        prefix = self.prefix + identifier
+        count = len(self.sizes)
+        keys = []
+        starts = []
+        weights = []
+        for i in range(count):
+            window = self.windows[i]
+            now_ms = int(now * 1000)
+            start = now_ms - now_ms % window
+            keys.append(prefix + self.suffixes[i])
+            starts.append(start)
+            # The previous window still covers (W - elapsed) / W of the sliding window.
+            weights.append((window - (now_ms - start)) / window if self.sliding else 0.0)
+        denied, rates = self.counters.take_sliding(tuple(keys), tuple(starts), self.windows, self.limits,
+                                                   tuple(weights), self.penalty)
+        if not self.hide_client_headers:
+            self.keep_headers(exchange, self.headers(now, starts, rates, denied))
+        if denied >= 0:
+            return Exit(self.error_code, self.error_message)
+        return None
+
+    def headers(self, now, starts, rates, denied):
+        parts = []
+        lowest = -1
+        lowest_remaining = 0.0
+        for i in range(len(self.limits)):
+            remaining = max(self.limits[i] - rates[i], 0.0)
+            name, limit = self.limit_lines[i]
+            _header(parts, name, limit)
+            _header(parts, self.remaining_names[i], b"%d" % int(remaining))
+            if lowest < 0 or remaining < lowest_remaining or (
+                remaining == lowest_remaining and self.sizes[i] >= self.sizes[lowest]
+            ):
+                lowest = i
+                lowest_remaining = remaining
+        size = self.sizes[lowest]
+        reset = max(1, size - int(now - starts[lowest] / 1000))
+        if self.sliding:
+            # Until the weighted previous window has slid far enough for one more request.
+            over = max(0.0, (rates[lowest] - self.limits[lowest]) / self.limits[lowest] * size)
+            reset = int(-(-(reset + over) // 1))
+        _header(parts, b"RateLimit-Limit", self.limit_lines[lowest][1])
+        _header(parts, b"RateLimit-Remaining", b"%d" % int(lowest_remaining))
+        _header(parts, b"RateLimit-Reset", b"%d" % reset)
+        if denied >= 0:
+            jitter = random.randint(0, self.jitter) if self.jitter else 0
+            _header(parts, b"Retry-After", b"%d" % (reset + jitter))
+        return parts
 
 
 # Framing belongs to the proxy: a transformer that could drop or rewrite these would make the

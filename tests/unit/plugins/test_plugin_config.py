@@ -70,6 +70,27 @@ def problems(plugins: list[dict]) -> list[str]:
          "plugins[0].config.rename.body[0]: invalid value: a (expected 'old:new')"),
         ({"name": "request-transformer", "config": {"rename": {"headers": ["only-old"]}}},
          "plugins[0].config.rename.headers[0]: invalid value: only-old (expected 'old:new')"),
+        ({"name": "rate-limiting", "config": {"limit_by": "ip"}},
+         "plugins[0].config: at least one of these fields must be non-empty: 'config.second', 'config.minute', "
+         "'config.hour', 'config.day', 'config.month', 'config.year'"),
+        ({"name": "rate-limiting", "config": {"minute": 6, "hour": 3}},
+         "plugins[0].config: The limit for hour(3.0) cannot be lower than the limit for minute(6.0)"),
+        ({"name": "rate-limiting", "config": {"minute": 6, "limit_by": "header"}},
+         "plugins[0].config: No header name provided"),
+        ({"name": "rate-limiting", "config": {"minute": 6, "limit_by": "consumer-group"}},
+         "plugins[0].config.limit_by: expected one of: consumer, credential, header, ip, path, service"),
+        ({"name": "rate-limiting", "config": {"minute": 6, "policy": "cluster"}},
+         "plugins[0].config: policy: 'cluster' keeps counters in Kong's database and fastgate has none; use 'local' (or 'redis')"),
+        ({"name": "rate-limiting", "config": {"minute": 6, "policy": "redis"}},
+         "plugins[0].config: policy: 'redis' is not supported yet"),
+        ({"name": "rate-limiting-advanced", "config": {"limit": [5, 10], "window_size": [60]}},
+         "plugins[0].config: You must provide the same number of windows and limits"),
+        ({"name": "rate-limiting-advanced", "config": {"limit": [5], "window_size": [60], "identifier": "path"}},
+         "plugins[0].config: No path provided"),
+        ({"name": "rate-limiting-advanced", "config": {"limit": [5], "window_size": [0]}},
+         "plugins[0].config.window_size[0]: value must be greater than 0"),
+        ({"name": "rate-limiting-advanced", "config": {"window_size": [60]}},
+         "plugins[0].config.limit: required field missing"),
         ({"name": "response-transformer", "config": {"add": {"json": ["a:b"]}}},
          "plugins[0].config.add: transforming the response body is not supported by fastgate (it would buffer streams)"),
         ({"name": "response-transformer", "config": {"remove": {"headers": ["Content-Length"]}}},
@@ -104,9 +125,10 @@ def test_defaults_are_kongs():
 
 
 def test_priorities_are_kongs():
-    assert {name: plugin.PRIORITY for name, plugin in PLUGINS.items() if name != "rate-limiting"} == {
-        "correlation-id": 100001, "cors": 2000, "key-auth": 1250, "acl": 950, "request-transformer": 801,
-        "response-transformer": 800, "request-termination": 2,
+    assert {name: plugin.PRIORITY for name, plugin in PLUGINS.items()} == {
+        "correlation-id": 100001, "cors": 2000, "key-auth": 1250, "acl": 950, "rate-limiting": 910,
+        "rate-limiting-advanced": 910, "request-transformer": 801, "response-transformer": 800,
+        "request-termination": 2,
     }
 
 

@@ -1,0 +1,36 @@
+"""Config pieces the two rate-limiting plugins share (behavior.md 6)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+
+class RedisConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str | None = None
+    port: Annotated[int, Meta(ge=0, le=65535)] = 6379
+    timeout: Annotated[int, Meta(ge=0)] = 2000
+    username: str | None = None
+    password: str | None = None
+    database: Annotated[int, Meta(ge=0)] = 0
+    ssl: bool = False
+    ssl_verify: bool = False
+    server_name: str | None = None
+
+
+def check_identifier(identifier: str, header_name: str | None, path: str | None) -> None:
+    if identifier == "header" and not header_name:
+        raise ValueError("No header name provided")
+    if identifier == "path" and not path:
+        raise ValueError("No path provided")
+
+
+def check_store(field: str, value: str) -> None:
+    """Counters are the node's shared memory (local); Redis comes with its own issue."""
+    if value == "cluster":
+        raise ValueError(f"{field}: 'cluster' keeps counters in Kong's database and fastgate has none; "
+                         f"use 'local' (or 'redis')")
+    if value == "redis":
+        raise ValueError(f"{field}: 'redis' is not supported yet")
