@@ -186,8 +186,19 @@ cdef class RateLimitBase:
     cdef public int error_code
     cdef public str error_message
     cdef public tuple watched_headers
+    cdef public object redis
+    cdef public object redis_config
+    cdef public bint fault_tolerant
+    cdef public bytes redis_prefix
+    cdef public bytes redis_suffix
 
     cdef init_identifier(self, object config, object context, str limit_by)
+    cdef object redis_check(self, Exchange exchange, bytes request, object answered)
+    cdef object redis_failed(self, Exchange exchange)
+    cpdef redis_answered(self, double now, object starts, Exchange exchange, object future, object reply)
+    cdef object decided(self, Exchange exchange, double now, object starts, Py_ssize_t denied, list values)
+    cdef object local(self, Exchange exchange)
+    cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)
     @cython.locals(values=list, url=bytes, query_at=Py_ssize_t)
     cdef bytes identifier(self, Exchange exchange)
     @cython.locals(data=dict, lines=list)
@@ -209,10 +220,14 @@ cdef class RateLimitingHandler(RateLimitBase):
 
     @cython.locals(starts=list, seconds=long)
     cdef tuple window_starts(self, double now)
-    @cython.locals(identifier=bytes, now=double, starts=tuple, prefix=bytes, keys=tuple, denied=Py_ssize_t)
+    @cython.locals(now=double, starts=tuple, request=bytes)
     cpdef access(self, Exchange exchange)
+    @cython.locals(prefix=bytes, i=Py_ssize_t)
+    cdef tuple keys(self, Exchange exchange, tuple starts)
+    @cython.locals(now=double, starts=tuple, denied=Py_ssize_t)
+    cdef object local(self, Exchange exchange)
     @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, shown=double, i=Py_ssize_t)
-    cdef list headers(self, double now, tuple starts, list usages, Py_ssize_t denied)
+    cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)
 
 
 cdef class RateLimitingAdvancedHandler(RateLimitBase):
@@ -227,9 +242,13 @@ cdef class RateLimitingAdvancedHandler(RateLimitBase):
     cdef public tuple limit_lines
     cdef public tuple remaining_names
 
-    @cython.locals(identifier=bytes, now=double, prefix=bytes, count=Py_ssize_t, keys=list, starts=list,
-                   weights=list, window=cython.longlong, now_ms=cython.longlong, start=cython.longlong, denied=Py_ssize_t, i=Py_ssize_t)
+    @cython.locals(starts=list, weights=list, window=cython.longlong, now_ms=cython.longlong, start=cython.longlong,
+                   i=Py_ssize_t)
+    cdef tuple windows_now(self, double now)
+    @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=list, request=bytes, i=Py_ssize_t)
     cpdef access(self, Exchange exchange)
-    @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, size=long, reset=long,
-                   over=double, i=Py_ssize_t)
-    cdef list headers(self, double now, list starts, list rates, Py_ssize_t denied)
+    @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=tuple, denied=Py_ssize_t)
+    cdef object local(self, Exchange exchange)
+    @cython.locals(parts=list, rates=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, size=long,
+                   reset=long, over=double, i=Py_ssize_t)
+    cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)

@@ -27,10 +27,17 @@ def check_identifier(identifier: str, header_name: str | None, path: str | None)
         raise ValueError("No path provided")
 
 
-def check_store(field: str, value: str) -> None:
-    """Counters are the node's shared memory (local); Redis comes with its own issue."""
+def check_store(field: str, value: str, redis: RedisConfig) -> None:
+    """Counters live in the node's shared memory (local) or in Redis; Kong's database has no
+    counterpart here."""
     if value == "cluster":
         raise ValueError(f"{field}: 'cluster' keeps counters in Kong's database and fastgate has none; "
-                         f"use 'local' (or 'redis')")
-    if value == "redis":
-        raise ValueError(f"{field}: 'redis' is not supported yet")
+                         f"use 'local' or 'redis'")
+    if value == "redis" and not redis.host:
+        raise ValueError(f"redis.host is required when {field} is 'redis'")
+
+
+def check_sync_rate(sync_rate: float | None) -> None:
+    if sync_rate is not None and sync_rate > 0:
+        raise ValueError("sync_rate: counting locally and syncing to Redis periodically is not supported yet; "
+                         "use -1 (rate-limiting) or 0 (rate-limiting-advanced) for a check in Redis per request")

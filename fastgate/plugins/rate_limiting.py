@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from fastgate._core import plugin_core as core
-from fastgate.plugins.rate_limit_shared import RedisConfig, check_identifier, check_store
+from fastgate.plugins.rate_limit_shared import RedisConfig, check_identifier, check_store, check_sync_rate
 
 Limit = Annotated[float, Meta(gt=0)] | None
 
@@ -44,7 +44,9 @@ class RateLimitingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
                 raise ValueError(f"The limit for {long}({long_limit:.1f}) cannot be lower than the limit for "
                                  f"{short}({short_limit:.1f})")
         check_identifier(self.limit_by, self.header_name, self.path)
-        check_store("policy", self.policy)
+        check_store("policy", self.policy, self.redis)
+        if self.policy == "redis":
+            check_sync_rate(self.sync_rate)
 
 
 class RateLimiting(core.RateLimitingHandler):

@@ -9,7 +9,7 @@ import msgspec
 from msgspec import Meta
 
 from fastgate._core import plugin_core as core
-from fastgate.plugins.rate_limit_shared import RedisConfig, check_identifier, check_store
+from fastgate.plugins.rate_limit_shared import RedisConfig, check_identifier, check_store, check_sync_rate
 
 # One check counts in every window under one lock: the limiter takes at most 16 (limiter.py).
 Windows = Annotated[list[Annotated[int, Meta(gt=0)]], Meta(min_length=1, max_length=16)]
@@ -38,7 +38,12 @@ class RateLimitingAdvancedConfig(msgspec.Struct, forbid_unknown_fields=True, kw_
         if len(self.limit) != len(self.window_size):
             raise ValueError("You must provide the same number of windows and limits")
         check_identifier(self.identifier, self.header_name, self.path)
-        check_store("strategy", self.strategy)
+        check_store("strategy", self.strategy, self.redis)
+        if self.strategy == "redis":
+            # Kong: 0 checks in Redis on every request, -1 keeps the counters in memory only.
+            if self.sync_rate is None:
+                raise ValueError("sync_rate is required when strategy is 'redis'")
+            check_sync_rate(self.sync_rate)
 
 
 class RateLimitingAdvanced(core.RateLimitingAdvancedHandler):

@@ -21,7 +21,7 @@ import sys
 
 import uvloop
 
-from fastgate import _core
+from fastgate import _core, redis_counters
 from fastgate.config import ConfigError, parse_config
 from fastgate.config.compile import COUNTER_SLOTS, Snapshot, compile_snapshot, use_node_counters
 from fastgate.server.control import ControlChannel
@@ -37,6 +37,19 @@ LISTEN_BACKLOG = 4096
 
 def build_snapshot(source: str | bytes, origin: str) -> Snapshot:
     return compile_snapshot(parse_config(source, origin))
+
+
+def redis_configs(snapshot: Snapshot) -> list:
+    """The `redis` configs of the snapshot's rate-limiting instances that count in Redis."""
+    configs = []
+    for chain in snapshot.chains.values():
+        for slot in chain:
+            runs = [slot.static] + [run for _, run in (slot.by_consumer or {}).values()] + [
+                run for _, run in (slot.by_group or {}).values()
+            ]
+            configs.extend(run.instance.redis_config for run in runs
+                           if run is not None and getattr(run.instance, "redis_config", None) is not None)
+    return configs
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -62,6 +75,7 @@ class Worker:
             log.error("worker %d: no configuration from the supervisor", self.index)
             return 1
         snapshot = build_snapshot(first["source"], first.get("origin", "<config>"))
+        await redis_counters.open_all(self.loop, redis_configs(snapshot))
         self.gateway = _core.Gateway(self.loop, snapshot)
         if self.settings.error_template is not None:
             self.gateway.error_template = _core.ErrorTemplate(
@@ -109,7 +123,9 @@ class Worker:
             if op == "config":
                 self.reload(message["source"], message.get("origin", "<config>"))
             elif op == "status":
-                self.channel.send({"op": "status", "id": message["id"], "server": self.gateway.status()})
+                # The Redis connections of the rate-limiting plugins (up / down / outages so far).
+                server = {**self.gateway.status(), **redis_counters.status()}
+                self.channel.send({"op": "status", "id": message["id"], "server": server})
             elif op == "drain":
                 self.begin_drain()
 
@@ -121,6 +137,10 @@ class Worker:
             # running snapshot keeps serving either way.
             self.channel.send({"op": "reload_failed", "problems": [str(p) for p in exc.problems]})
             return
+        # A Redis server new to this worker starts connecting now; until it answers, its checks
+        # count on this node (the connect is not awaited: a reload never waits on the network).
+        for config in redis_configs(snapshot):
+            redis_counters.connection(self.loop, config)
         self.gateway.set_snapshot(snapshot)
         self.channel.send({"op": "reloaded", "configuration_hash": snapshot.configuration_hash})
 

@@ -23,7 +23,11 @@ import time
 import uuid
 from urllib.parse import unquote_to_bytes
 
+import functools
+
 import msgspec
+
+from fastgate import redis_counters
 
 # Identity headers the gateway sets towards the upstream (behavior.md 4 and 5). A client's copy
 # never reaches the upstream of a route with key-auth or acl: it would let the client pose as a
@@ -1130,6 +1134,7 @@ LIMIT_BY = {
     "consumer-group": LIMIT_BY_CONSUMER_GROUP,
 }
 MSG_RATE_LIMITED = "API rate limit exceeded"
+MSG_UNEXPECTED = "An unexpected error occurred"
 # Kong's names of the usual windows, in the X-RateLimit-* header names.
 WINDOW_NAMES = {1: "Second", 60: "Minute", 3600: "Hour", 86400: "Day", 2592000: "Month", 31536000: "Year"}
 # rate-limiting's periods and their lengths in seconds (Kong's counter expirations).
@@ -1152,6 +1157,52 @@ class RateLimitBase:
         self.error_code = config.error_code
         self.error_message = config.error_message
         self.watched_headers = (self.header_name,) if self.header_name else ()
+        # The redis policy / strategy: this worker's connection, made on the first request.
+        self.redis = None
+        self.redis_config = None
+        self.fault_tolerant = True
+
+    def redis_check(self, exchange, request, answered):
+        """Send a check to Redis: the future the request waits on (no Task), or None when Redis
+        is down, in which case the caller decides without it."""
+        redis = self.redis
+        if redis is None:
+            redis = self.redis = redis_counters.connection(exchange.client.loop, self.redis_config)
+        future = exchange.client.loop.create_future()
+        if redis.call(request, functools.partial(answered, exchange, future)):
+            return future
+        return None
+
+    def redis_failed(self, exchange):
+        """Redis could not decide: the node's counters do (fault_tolerant), or a 500."""
+        if self.fault_tolerant:
+            return self.local(exchange)
+        return Exit(500, MSG_UNEXPECTED)
+
+    def redis_answered(self, now, starts, exchange, future, reply):
+        if future.done():
+            return  # the request is gone (its client disconnected)
+        if isinstance(reply, Exception):
+            future.set_result(self.redis_failed(exchange))
+        else:
+            future.set_result(self.decided(exchange, now, starts, reply[0] - 1, reply[1:]))
+
+    def decided(self, exchange, now, starts, denied, values):
+        """The answer to a check that `denied` (a window's index, or -1) with these usages or
+        rates: the headers for the response, and the Exit of a denial."""
+        if not self.hide_client_headers:
+            self.keep_headers(exchange, self.headers(now, starts, values, denied))
+        if denied >= 0:
+            return Exit(self.error_code, self.error_message)
+        return None
+
+    def local(self, exchange):
+        """The check in the node's counters (each plugin's own windows)."""
+        raise NotImplementedError
+
+    def headers(self, now, starts, values, denied):
+        """The response headers of a decision (each plugin's own)."""
+        raise NotImplementedError
 
     def identifier(self, exchange):
         limit_by = self.limit_by
@@ -1209,9 +1260,11 @@ class RateLimitingHandler(RateLimitBase):
     def __init__(self, config, context):
         self.init_identifier(config, context, config.limit_by)
         periods = [(name, seconds, getattr(config, name)) for name, seconds in PERIODS if getattr(config, name)]
-        scope = "%s:%s" % (context.route_id or UNSCOPED, context.service_id or UNSCOPED)
+        # Kong's counter names: ratelimit:<route>:<service>:<identifier>:<window start>:<period>,
+        # with the plugin's own scope (a global instance counts across all routes).
+        scope = "ratelimit:%s:%s" % (context.route_id or UNSCOPED, context.service_id or UNSCOPED)
         self.scope = scope.encode()
-        self.names = tuple(name for name, _, _ in periods)
+        self.names = tuple(name.encode() for name, _, _ in periods)
         self.seconds = tuple(seconds for _, seconds, _ in periods)
         self.windows = tuple(seconds * 1000 for _, seconds, _ in periods)
         self.limits = tuple(float(limit) for _, _, limit in periods)
@@ -1219,6 +1272,17 @@ class RateLimitingHandler(RateLimitBase):
             (b"X-RateLimit-Limit-" + WINDOW_NAMES[seconds].encode(), b"%d" % limit) for _, seconds, limit in periods
         )
         self.remaining_names = tuple(b"X-RateLimit-Remaining-" + WINDOW_NAMES[seconds].encode() for _, seconds, _ in periods)
+        if config.policy == "redis":
+            self.redis_config = config.redis
+            self.fault_tolerant = config.fault_tolerant
+            count = len(periods)
+            # EVALSHA <sha> <n> <keys...> <limits...> <lifetimes...>: all but the keys made here.
+            self.redis_prefix = b"*%d\r\n" % (3 + 3 * count) + redis_counters.bulk(
+                (b"EVALSHA", redis_counters.FIXED_SHA, b"%d" % count)
+            )
+            self.redis_suffix = redis_counters.bulk(
+                [repr(limit).encode() for limit in self.limits] + [b"%d" % seconds for seconds in self.seconds]
+            )
 
     def window_starts(self, now):
         """Each period's window start in ms: fixed calendar windows in UTC."""
@@ -1233,24 +1297,31 @@ class RateLimitingHandler(RateLimitBase):
         return tuple(starts)
 
     def access(self, exchange):
-        identifier = self.identifier(exchange)
+        if self.redis_config is None:
+            return self.local(exchange)
         now = time.time()
         starts = self.window_starts(now)
-        prefix = self.scope + b":" + identifier + b":"
-        keys = tuple([prefix + name.encode() for name in self.names])
-        denied, usages = self.counters.take_fixed(keys, starts, self.windows, self.limits)
-        if not self.hide_client_headers:
-            self.keep_headers(exchange, self.headers(now, starts, usages, denied))
-        if denied >= 0:
-            return Exit(self.error_code, self.error_message)
-        return None
+        request = self.redis_prefix + redis_counters.bulk(self.keys(exchange, starts)) + self.redis_suffix
+        future = self.redis_check(exchange, request, functools.partial(self.redis_answered, now, starts))
+        return future if future is not None else self.redis_failed(exchange)
 
-    def headers(self, now, starts, usages, denied):
+    def keys(self, exchange, starts):
+        prefix = self.scope + b":" + self.identifier(exchange) + b":"
+        return tuple([prefix + b"%d:" % starts[i] + self.names[i] for i in range(len(self.names))])
+
+    def local(self, exchange):
+        now = time.time()
+        starts = self.window_starts(now)
+        denied, usages = self.counters.take_fixed(self.keys(exchange, starts), starts, self.windows, self.limits)
+        return self.decided(exchange, now, starts, denied, usages)
+
+
+    def headers(self, now, starts, values, denied):
         parts = []
         lowest = -1
         lowest_remaining = 0.0
         for i in range(len(self.limits)):
-            remaining = self.limits[i] - usages[i]
+            remaining = self.limits[i] - values[i]
             if denied < 0 or denied == i:
                 shown = remaining - 1
             else:
@@ -1295,32 +1366,61 @@ class RateLimitingAdvancedHandler(RateLimitBase):
             for name, limit in zip(names, self.limits)
         )
         self.remaining_names = tuple(b"X-RateLimit-Remaining-" + name for name in names)
+        # strategy redis with sync_rate 0 checks in Redis; sync_rate -1 keeps the counters in
+        # memory only (Kong), which is the node's shared counters.
+        if config.strategy == "redis" and config.sync_rate == 0:
+            self.redis_config = config.redis
+            count = len(self.sizes)
+            # EVALSHA <sha> <2n> <keys...> <limits...> <lifetimes...> <penalty> <weights...>:
+            # all but the keys and the weights made here.
+            self.redis_prefix = b"*%d\r\n" % (4 + 5 * count) + redis_counters.bulk(
+                (b"EVALSHA", redis_counters.SLIDING_SHA, b"%d" % (2 * count))
+            )
+            self.redis_suffix = redis_counters.bulk(
+                [repr(limit).encode() for limit in self.limits] + [b"%d" % (2 * size) for size in self.sizes]
+                + [b"1" if self.penalty else b"0"]
+            )
 
-    def access(self, exchange):
-        identifier = self.identifier(exchange)
-        now = time.time()
-        prefix = self.prefix + identifier
-        count = len(self.sizes)
-        keys = []
+    def windows_now(self, now):
+        """Each window's start (ms) and the weight of the window before it."""
         starts = []
         weights = []
-        for i in range(count):
+        now_ms = int(now * 1000)
+        for i in range(len(self.windows)):
             window = self.windows[i]
-            now_ms = int(now * 1000)
             start = now_ms - now_ms % window
-            keys.append(prefix + self.suffixes[i])
             starts.append(start)
             # The previous window still covers (W - elapsed) / W of the sliding window.
             weights.append((window - (now_ms - start)) / window if self.sliding else 0.0)
-        denied, rates = self.counters.take_sliding(tuple(keys), tuple(starts), self.windows, self.limits,
-                                                   tuple(weights), self.penalty)
-        if not self.hide_client_headers:
-            self.keep_headers(exchange, self.headers(now, starts, rates, denied))
-        if denied >= 0:
-            return Exit(self.error_code, self.error_message)
-        return None
+        return starts, weights
 
-    def headers(self, now, starts, rates, denied):
+    def access(self, exchange):
+        if self.redis_config is None:
+            return self.local(exchange)
+        now = time.time()
+        starts, weights = self.windows_now(now)
+        prefix = self.prefix + self.identifier(exchange)
+        keys = []
+        for i in range(len(self.windows)):
+            keys.append(prefix + self.suffixes[i] + b"|%d" % starts[i])
+            keys.append(prefix + self.suffixes[i] + b"|%d" % (starts[i] - self.windows[i]))
+        request = (self.redis_prefix + redis_counters.bulk(keys) + self.redis_suffix
+                   + redis_counters.bulk([repr(weight).encode() for weight in weights]))
+        future = self.redis_check(exchange, request, functools.partial(self.redis_answered, now, starts))
+        return future if future is not None else self.redis_failed(exchange)
+
+
+    def local(self, exchange):
+        now = time.time()
+        starts, weights = self.windows_now(now)
+        prefix = self.prefix + self.identifier(exchange)
+        keys = tuple([prefix + suffix for suffix in self.suffixes])
+        denied, rates = self.counters.take_sliding(keys, tuple(starts), self.windows, self.limits, tuple(weights),
+                                                   self.penalty)
+        return self.decided(exchange, now, starts, denied, rates)
+
+    def headers(self, now, starts, values, denied):
+        rates = [float(rate) for rate in values]  # from Redis they are strings
         parts = []
         lowest = -1
         lowest_remaining = 0.0
