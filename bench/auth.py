@@ -1,21 +1,26 @@
-"""Benchmark "key-auth + acl": what authentication and authorisation cost on top of plain proxying,
-with 100,000 consumers, measured in one run against the same gateway.
+"""Benchmark the access plugins: what key-auth + acl, a team's Python plugin, and rate limiting
+cost on top of plain proxying, with 100,000 consumers, measured in one run against the same
+gateway.
 
     python bench/auth.py [--consumers 100000] [--duration 5] [--reps 5] [--connections 50]
 
 - Upstream on core 1: nginx serving GET /json (200-byte JSON) when installed, else
   bench/sse_upstream.py.
-- One fastgate worker on core 0 with one config and three routes to the same upstream:
-  `/plain/json` (no plugin), `/auth/json` (key-auth + acl allow [users]) and `/custom/json` (a
-  team's plain-Python plugin whose access phase does nothing: the price of the plugin interface
-  for interpreted code). Every consumer has one key and the ACL group `users`; the odd-numbered
+- One fastgate worker on core 0 with one config and routes to the same upstream: `/plain/json`
+  (no plugin), `/auth/json` (key-auth + acl allow [users]), `/custom/json` (a team's
+  plain-Python plugin whose access phase does nothing: the price of the plugin interface for
+  interpreted code), `/limited/json` (key-auth + acl + rate-limiting-advanced, local counters,
+  a sliding 60 s window per consumer with a limit no run reaches) and, when redis-server is
+  installed, `/limited-redis/json` (the same counted in a redis-server on core 1, strategy
+  redis, sync_rate 0). Every consumer has one key and the ACL group `users`; the odd-numbered
   half of the keys is in the file only as `sha256:<hex>`.
 - Load on core 1: wrk -t1 with a Lua script that sends a random consumer's key on each request
   (when wrk is installed), else bench/loadgen.py with one key. The scenarios alternate within
   each repetition, in an order that turns each repetition, so that the machine's drift hits all
   of them alike; medians are reported.
 - Per scenario: requests/s, p50/p99, the worker's CPU per request, and the ratio to
-  `/plain/json`; plus the config's load time and the worker's RSS with all the consumers.
+  `/plain/json`; plus the config's load time, the worker's RSS with all the consumers, and how
+  many Redis checks shared each write.
 Writes <out>/auth-<UTC time>.json and .md, and prints the Markdown.
 """
 
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,7 +46,10 @@ from bench.e2e import (  # noqa: E402
     rss_kib, start, stop, tree_pids, wait_port,
 )
 
-SCENARIOS = ("plain", "auth", "custom")
+SCENARIOS = ("plain", "auth", "custom", "limited")
+# With redis-server installed: the same limit counted in Redis (strategy redis, sync_rate 0).
+REDIS_SCENARIO = "limited-redis"
+REDIS_PORT = 9003
 
 WRK_SCRIPT = """
 local prefix = "{prefix}"
@@ -52,7 +61,7 @@ end
 """
 
 
-def gateway_config(json_port: int, consumers: int) -> dict:
+def gateway_config(json_port: int, consumers: int, redis_port: int | None) -> dict:
     import hashlib
 
     def service(name: str, plugins: list[dict]) -> dict:
@@ -60,6 +69,10 @@ def gateway_config(json_port: int, consumers: int) -> dict:
             {"name": name, "paths": [f"/{name}/json"], "plugins": plugins}]}
 
     guarded = [{"name": "key-auth"}, {"name": "acl", "config": {"allow": ["users"]}}]
+    # A limit per consumer no run reaches: the check's cost, not its denials, is measured.
+    def limited(**store) -> list[dict]:
+        return guarded + [{"name": "rate-limiting-advanced", "config": {
+            "limit": [1_000_000_000], "window_size": [60], **store}}]
 
     def key(i: int) -> str:
         return f"key-{i}" if i % 2 == 0 else "sha256:" + hashlib.sha256(f"key-{i}".encode()).hexdigest()
@@ -68,7 +81,10 @@ def gateway_config(json_port: int, consumers: int) -> dict:
               for i in range(consumers)]
     return {
         "_format_version": "3.0",
-        "services": [service("plain", []), service("auth", guarded), service("custom", [{"name": "bench-noop"}])],
+        "services": [service("plain", []), service("auth", guarded), service("custom", [{"name": "bench-noop"}]),
+                     service("limited", limited())] + ([service(REDIS_SCENARIO, limited(
+                         strategy="redis", sync_rate=0, redis={"host": "127.0.0.1", "port": redis_port}))]
+                         if redis_port else []),
         "consumers": people,
     }
 
@@ -122,9 +138,17 @@ def main() -> int:
             processes.append(start(pinned(1, [sys.executable, str(HERE / "sse_upstream.py"), str(SSE_PORT)])))
             json_port = SSE_PORT
         wait_port(json_port)
+        scenarios = SCENARIOS
+        redis_port = None
+        if shutil.which("redis-server"):
+            processes.append(start(pinned(1, ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                                              "--save", "", "--appendonly", "no", "--dir", str(run_dir)])))
+            wait_port(REDIS_PORT)
+            redis_port = REDIS_PORT
+            scenarios = SCENARIOS + (REDIS_SCENARIO,)
 
         config_path = run_dir / "gateway.json"
-        config_path.write_text(json.dumps(gateway_config(json_port, args.consumers)))
+        config_path.write_text(json.dumps(gateway_config(json_port, args.consumers, redis_port)))
         port, admin_port = free_port(), free_port()
         env = dict(os.environ, FASTGATE_WORKERS="1", FASTGATE_PROXY_LISTEN=f"127.0.0.1:{port}",
                    FASTGATE_ADMIN_LISTEN=f"127.0.0.1:{admin_port}", FASTGATE_LOG_LEVEL="warning",
@@ -138,15 +162,18 @@ def main() -> int:
         load_seconds = time.monotonic() - began
         worker_pids = [pid for pid in tree_pids(gateway.pid) if pid != gateway.pid]
 
-        for scenario in SCENARIOS:  # warm-up: pools filled, code paths and key index hot
+        for scenario in scenarios:  # warm-up: pools filled, code paths and key index hot
             run_wrk(port, scenario, args.consumers, args.connections, 2.0, run_dir, worker_pids)
-        runs: dict[str, list[dict]] = {scenario: [] for scenario in SCENARIOS}
+        runs: dict[str, list[dict]] = {scenario: [] for scenario in scenarios}
         for rep in range(args.reps):
             # The order turns each repetition so that drift within one does not favour a scenario.
-            for scenario in SCENARIOS[rep % 3:] + SCENARIOS[:rep % 3]:
+            turn = rep % len(scenarios)
+            for scenario in scenarios[turn:] + scenarios[:turn]:
                 runs[scenario].append(run_wrk(port, scenario, args.consumers, args.connections, args.duration,
                                               run_dir, worker_pids))
         memory = rss_kib(worker_pids[-1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=5) as answer:
+            server = json.load(answer)["server"]
     finally:
         for process in reversed(processes):
             stop(process)
@@ -170,10 +197,12 @@ def main() -> int:
         "settings": vars(args) | {"out": str(args.out)},
         "generator": runs["plain"][0]["generator"],
         "config_load_seconds": load_seconds, "worker_memory_kib": memory,
+        "redis_checks": server.get("redis_checks", 0), "redis_writes": server.get("redis_writes", 0),
         "summary": summary, "runs": runs,
     }
     lines = [
-        f"# key-auth + acl, {args.consumers:,} consumers (half the keys given as sha256) — {report['when']}",
+        f"# key-auth + acl (+ rate-limiting-advanced), {args.consumers:,} consumers (half the keys given as sha256)"
+        f" — {report['when']}",
         "",
         f"Load: {report['generator']}, {args.connections} connections, {args.reps} x {args.duration:g} s per scenario "
         f"(the order turning each repetition). Gateway: 1 worker on core 0, up in {load_seconds:.1f} s, worker RSS "
@@ -188,6 +217,10 @@ def main() -> int:
             f"{', '.join(f'{x:.2f}' for x in row['x_plain_per_rep'])} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
             f"{row['cpu_us_per_request']:.1f} | {row['cpu_us_over_plain']:+.1f} | {row['errors']} |"
         )
+    if report["redis_writes"]:
+        lines += ["", f"Redis: {report['redis_checks']:,} checks in {report['redis_writes']:,} writes "
+                      f"({report['redis_checks'] / report['redis_writes']:.1f} checks per write: the round trips "
+                      f"of concurrent requests are pipelined)."]
     markdown = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

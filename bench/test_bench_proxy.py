@@ -72,25 +72,28 @@ def config_text(routes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def auth_config_text(consumers: int) -> str:
+def auth_config_text(consumers: int, rate_limited: bool = False) -> str:
+    plugins = [{"name": "key-auth"}, {"name": "acl", "config": {"allow": ["users"]}}]
+    if rate_limited:
+        # A sliding window per consumer with a limit the benchmark never reaches.
+        plugins.append({"name": "rate-limiting-advanced", "config": {"limit": [1e9], "window_size": [60]}})
     return json.dumps({
         "_format_version": "3.0",
         "services": [{"name": "json", "url": "http://127.0.0.1:9001", "routes": [
-            {"name": "json", "paths": ["/json"], "strip_path": False, "plugins": [
-                {"name": "key-auth"}, {"name": "acl", "config": {"allow": ["users"]}}]}]}],
+            {"name": "json", "paths": ["/json"], "strip_path": False, "plugins": plugins}]}],
         "consumers": [{"username": f"user-{i}", "keyauth_credentials": [{"key": f"key-{i}"}],
                        "acls": [{"group": "users"}]} for i in range(consumers)],
     })
 
 
-def make_exchange(implementation: str, routes: int, consumers: int = 0):
+def make_exchange(implementation: str, routes: int, consumers: int = 0, rate_limited: bool = False):
     """One exchange as a function; with `consumers`, the route has key-auth + acl and each call
     presents the key of a consumer picked at random (each key's request is prepared once)."""
     module = "fastgate._core" if implementation == "compiled" else "fastgate._core._pure"
     proxy = importlib.import_module(f"{module}.proxy")
     # compile_snapshot builds with the implementation fastgate._core chose (compiled here); the
     # pure run swaps in the pure router.
-    config = parse_config(auth_config_text(consumers) if consumers else config_text(routes))
+    config = parse_config(auth_config_text(consumers, rate_limited) if consumers else config_text(routes))
     service = config.services[0]
     snapshot = compile_snapshot(config)
     if implementation == "pure":
@@ -134,7 +137,7 @@ def test_exchange(benchmark, implementation, routes):
         loop.close()
 
 
-@pytest.mark.parametrize("plugins", ["none", "key-auth+acl"])
+@pytest.mark.parametrize("plugins", ["none", "key-auth+acl", "key-auth+acl+rate-limiting-advanced"])
 def test_exchange_with_auth(benchmark, plugins):
     """Compiled, 100,000 consumers. "none" picks a random number too, so both pay the same
     random.randrange; only the plugins differ."""
@@ -149,7 +152,7 @@ def test_exchange_with_auth(benchmark, plugins):
 
         exchange = exchange_with_pick
     else:
-        exchange, loop = make_exchange("compiled", 1, consumers=100_000)
+        exchange, loop = make_exchange("compiled", 1, consumers=100_000, rate_limited=plugins.endswith("advanced"))
     try:
         benchmark(exchange)
     finally:

@@ -120,6 +120,9 @@ class RedisCounters(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.up = False
         self.outages = 0
+        # Checks sent and the writes they took: how well round trips are shared (GET /status).
+        self.checks = 0
+        self.writes = 0
         self.pending = deque()  # (deadline, callback) in the order the replies will come
         self.out = []
         self.flush_scheduled = False
@@ -206,6 +209,7 @@ class RedisCounters(asyncio.Protocol):
         fails or times out. False (and no callback) when Redis is down or too far behind."""
         if not self.up or len(self.pending) >= MAX_PENDING:
             return False
+        self.checks += 1
         self._send(request, callback)
         return True
 
@@ -223,6 +227,7 @@ class RedisCounters(asyncio.Protocol):
         """Every command of this loop iteration in one write."""
         self.flush_scheduled = False
         if self.out and self.transport is not None:
+            self.writes += 1
             self.transport.write(b"".join(self.out))
         self.out = []
 
@@ -292,4 +297,6 @@ def status() -> dict:
         "redis_connections_up": sum(1 for each in _connections.values() if each.up),
         "redis_connections_down": sum(1 for each in _connections.values() if not each.up),
         "redis_outages": sum(each.outages for each in _connections.values()),
+        "redis_checks": sum(each.checks for each in _connections.values()),
+        "redis_writes": sum(each.writes for each in _connections.values()),
     }

@@ -5,6 +5,7 @@ cimport cython
 # Typed access to the request's fields (C attribute reads instead of Python getattr: measured
 # in bench/auth.py). The proxy does not import this module back, so there is no import cycle.
 from fastgate._core.proxy cimport Exchange, ClientConnection
+from fastgate._core.limiter cimport SharedCounters
 
 
 cdef class Exit:
@@ -17,6 +18,7 @@ cdef class Exit:
 
 cdef class ConsumerInfo:
     cdef public str id
+    cdef public bytes id_bytes
     cdef public object username
     cdef public object custom_id
     cdef public tuple acl_groups
@@ -181,7 +183,7 @@ cdef class RateLimitBase:
     cdef public bytes header_name
     cdef public bytes path
     cdef public bytes scope_group
-    cdef public object counters
+    cdef public SharedCounters counters
     cdef public bint hide_client_headers
     cdef public int error_code
     cdef public str error_message
@@ -196,17 +198,14 @@ cdef class RateLimitBase:
     cdef object redis_check(self, Exchange exchange, bytes request, object answered)
     cdef object redis_failed(self, Exchange exchange)
     cpdef redis_answered(self, double now, object starts, Exchange exchange, object future, object reply)
+    @cython.locals(lines=list)
     cdef object decided(self, Exchange exchange, double now, object starts, Py_ssize_t denied, list values)
     cdef object local(self, Exchange exchange)
     cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)
     @cython.locals(values=list, url=bytes, query_at=Py_ssize_t)
     cdef bytes identifier(self, Exchange exchange)
-    @cython.locals(data=dict, lines=list)
-    cpdef response(self, Exchange exchange, int status, list parts)
-    cdef keep_headers(self, Exchange exchange, list lines)
 
 
-cdef _header(list parts, bytes name, bytes value)
 
 
 cdef class RateLimitingHandler(RateLimitBase):
@@ -215,8 +214,8 @@ cdef class RateLimitingHandler(RateLimitBase):
     cdef public tuple seconds
     cdef public tuple windows
     cdef public tuple limits
-    cdef public tuple limit_lines
-    cdef public tuple remaining_names
+    cdef public tuple window_lines
+    cdef public tuple summary_lines
 
     @cython.locals(starts=list, seconds=long)
     cdef tuple window_starts(self, double now)
@@ -226,7 +225,8 @@ cdef class RateLimitingHandler(RateLimitBase):
     cdef tuple keys(self, Exchange exchange, tuple starts)
     @cython.locals(now=double, starts=tuple, denied=Py_ssize_t)
     cdef object local(self, Exchange exchange)
-    @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, shown=double, i=Py_ssize_t)
+    @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, shown=double, i=Py_ssize_t,
+                   reset=long)
     cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)
 
 
@@ -239,16 +239,16 @@ cdef class RateLimitingAdvancedHandler(RateLimitBase):
     cdef public int jitter
     cdef public tuple suffixes
     cdef public bytes prefix
-    cdef public tuple limit_lines
-    cdef public tuple remaining_names
+    cdef public tuple window_lines
+    cdef public tuple summary_lines
 
     @cython.locals(starts=list, weights=list, window=cython.longlong, now_ms=cython.longlong, start=cython.longlong,
                    i=Py_ssize_t)
     cdef tuple windows_now(self, double now)
     @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=list, request=bytes, i=Py_ssize_t)
     cpdef access(self, Exchange exchange)
-    @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=tuple, denied=Py_ssize_t)
+    @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=tuple, denied=Py_ssize_t, rate=double)
     cdef object local(self, Exchange exchange)
-    @cython.locals(parts=list, rates=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, size=long,
-                   reset=long, over=double, i=Py_ssize_t)
+    @cython.locals(parts=list, rate=double, lowest=Py_ssize_t, lowest_remaining=double, lowest_rate=double,
+                   remaining=double, size=long, reset=long, i=Py_ssize_t)
     cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)

@@ -103,6 +103,7 @@ cdef class Exchange:
     cdef public bytes upstream_path
     cdef public bytes upstream_host
     cdef public list responders
+    cdef public list response_headers
     cdef public list body_filters
     cdef public list loggers
     cdef public bytes correlation_id

@@ -68,7 +68,9 @@ def level(plugin: Plugin) -> int:
 # The rate-limit counters every worker of this node shares (fastgate/_core/_pure/limiter.py):
 # the worker maps the supervisor's segment (use_node_counters); any other process that compiles
 # a snapshot (validation, tests, benchmarks) gets a segment of its own on first use.
-COUNTER_SLOTS = 131_072  # 6 MiB: room for 131,072 live (identifier, window) pairs
+# 12 MiB (48-byte slots) of shared memory, touched only as it fills: room for 262,144 live
+# (identifier, window) pairs, so 100,000 consumers with two windows each stay under 80% full.
+COUNTER_SLOTS = 262_144
 _node_counters = None
 
 

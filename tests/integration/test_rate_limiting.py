@@ -42,6 +42,10 @@ def CONFIG(upstream):
                                          window_type="fixed", retry_after_jitter_max=0)),
             route("group-shared", key_auth),
             route("adv-50", advanced(limit=[50], window_size=[86400], identifier="ip", window_type="fixed")),
+            route("transformed", advanced(limit=[10], window_size=[86400], identifier="ip"),
+                  {"name": "response-transformer", "config": {
+                      "remove": {"headers": ["RateLimit-Reset"]},
+                      "rename": {"headers": ["X-RateLimit-Remaining-Day:X-Left"]}}}),
         ]}],
         "consumers": [
             {"username": "alice", "keyauth_credentials": [{"key": "alice-key"}], "groups": [{"name": "gold"}]},
@@ -193,3 +197,10 @@ def test_four_workers_share_the_nodes_counters(four_workers, path):
     # The connections were spread over the workers (SO_REUSEPORT): a request id starts with
     # its worker's 16-hex prefix, and more than one worker answered.
     assert len({request_id[:16] for _, request_id in answers}) > 1
+
+
+def test_other_plugins_see_the_rate_limit_headers(gateway):
+    # response-transformer edits them like any response header (they keep the header layout).
+    response = gateway.request("GET", "/transformed")
+    assert "RateLimit-Reset" not in response.headers and "X-RateLimit-Remaining-Day" not in response.headers
+    assert response.headers["X-Left"] == "9" and response.headers["X-RateLimit-Limit-Day"] == "10"

@@ -116,6 +116,27 @@ class SharedCounters:
         if len(keys) > MAX_WINDOWS:
             raise ValueError(f"at most {MAX_WINDOWS} windows per check")
 
+    def decimal(self, value):
+        """`value` in decimal, as bytes (the compiled one formats it in C, for the rate-limit
+        headers of every request)."""
+        return b"%d" % value
+
+    def hit(self, key, start, window, limit, weight, penalty):
+        """take_sliding for one window, as a plugin with one window calls it (compiled, without
+        tuples): the rate with this request, denied when over `limit`."""
+        self._lock()
+        try:
+            offset = self._slot(key, start, window)
+            stored, slot_start, count, previous, expiry = _SLOT.unpack_from(self.memory, offset)
+            count += 1
+            rate = count + previous * weight
+            if rate > limit and not penalty:
+                count -= 1
+            _SLOT.pack_into(self.memory, offset, stored, slot_start, count, previous, expiry)
+            return rate
+        finally:
+            self._unlock()
+
     def take_fixed(self, keys, starts, windows, limits):
         """Kong's rate-limiting (behavior.md 6.1): `usage` is each window's count before this
         request; the request is denied when a window has no room left (the first such index

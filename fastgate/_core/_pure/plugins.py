@@ -16,6 +16,7 @@ consumer, credential, upstream_extra, ...); see the Plugin docs in fastgate/plug
 """
 
 import calendar
+import math
 import os
 import random
 import re
@@ -365,6 +366,7 @@ class ConsumerInfo:
 
     def __init__(self, id, username, custom_id, acl_groups, group_ids, group_names):
         self.id = id
+        self.id_bytes = id.encode()  # the rate-limit identifier by consumer
         self.username = username
         self.custom_id = custom_id
         # ACL groups in file order (Kong sends them in DB order), and the consumer groups the
@@ -1191,7 +1193,11 @@ class RateLimitBase:
         """The answer to a check that `denied` (a window's index, or -1) with these usages or
         rates: the headers for the response, and the Exit of a denial."""
         if not self.hide_client_headers:
-            self.keep_headers(exchange, self.headers(now, starts, values, denied))
+            lines = self.headers(now, starts, values, denied)
+            if exchange.response_headers is None:
+                exchange.response_headers = lines
+            else:
+                exchange.response_headers.extend(lines)  # two limits on one route
         if denied >= 0:
             return Exit(self.error_code, self.error_message)
         return None
@@ -1208,7 +1214,7 @@ class RateLimitBase:
         limit_by = self.limit_by
         if limit_by == LIMIT_BY_CONSUMER:
             if exchange.consumer is not None:
-                return exchange.consumer.id.encode()
+                return exchange.consumer.id_bytes
             if exchange.credential is not None:
                 return exchange.credential.id.encode()
         elif limit_by == LIMIT_BY_CREDENTIAL:
@@ -1233,24 +1239,25 @@ class RateLimitBase:
                 return exchange.consumer.group_ids[0].encode()
         return exchange.client.peer
 
-    def response(self, exchange, status, parts):
-        data = exchange.plugin_data
-        if data is not None:
-            lines = data.get(self)
-            if lines is not None:
-                parts.extend(lines)
 
-    def keep_headers(self, exchange, lines):
-        if exchange.plugin_data is None:
-            exchange.plugin_data = {}
-        exchange.plugin_data[self] = lines
+RESET_LINE = (b"RateLimit-Reset", b": ")
+RETRY_AFTER_LINE = (b"Retry-After", b": ")
 
 
-def _header(parts, name, value):
-    parts.append(name)
-    parts.append(b": ")
-    parts.append(value)
-    parts.append(b"\r\n")
+def header_lines(names, limits):
+    """The fixed parts of the rate-limit headers, made once per plugin instance: per window
+    `X-RateLimit-Limit-<name>: <limit>` and the start of `X-RateLimit-Remaining-<name>`; per
+    window that may lead, `RateLimit-Limit: <limit>` and the start of `RateLimit-Remaining`.
+    A request appends only its numbers (and each line keeps the name, b": ", value, b"\r\n"
+    layout the response phase of other plugins reads)."""
+    window_lines = []
+    summary_lines = []
+    for name, limit in zip(names, limits):
+        shown = b"%d" % limit if limit == int(limit) else repr(float(limit)).encode()
+        window_lines.append((b"X-RateLimit-Limit-" + name.encode(), b": ", shown, b"\r\n",
+                             b"X-RateLimit-Remaining-" + name.encode(), b": "))
+        summary_lines.append((b"RateLimit-Limit", b": ", shown, b"\r\n", b"RateLimit-Remaining", b": "))
+    return tuple(window_lines), tuple(summary_lines)
 
 
 class RateLimitingHandler(RateLimitBase):
@@ -1268,10 +1275,9 @@ class RateLimitingHandler(RateLimitBase):
         self.seconds = tuple(seconds for _, seconds, _ in periods)
         self.windows = tuple(seconds * 1000 for _, seconds, _ in periods)
         self.limits = tuple(float(limit) for _, _, limit in periods)
-        self.limit_lines = tuple(
-            (b"X-RateLimit-Limit-" + WINDOW_NAMES[seconds].encode(), b"%d" % limit) for _, seconds, limit in periods
+        self.window_lines, self.summary_lines = header_lines(
+            [WINDOW_NAMES[seconds] for _, seconds, _ in periods], [limit for _, _, limit in periods]
         )
-        self.remaining_names = tuple(b"X-RateLimit-Remaining-" + WINDOW_NAMES[seconds].encode() for _, seconds, _ in periods)
         if config.policy == "redis":
             self.redis_config = config.redis
             self.fault_tolerant = config.fault_tolerant
@@ -1322,24 +1328,28 @@ class RateLimitingHandler(RateLimitBase):
         lowest_remaining = 0.0
         for i in range(len(self.limits)):
             remaining = self.limits[i] - values[i]
-            if denied < 0 or denied == i:
-                shown = remaining - 1
-            else:
-                shown = remaining
-            name, limit = self.limit_lines[i]
-            _header(parts, name, limit)
-            _header(parts, self.remaining_names[i], b"%d" % max(0, shown))
+            # The request counts in every window when allowed, only in the one that denied it
+            # otherwise (Kong shows remaining - 1 for those).
+            shown = remaining - 1 if denied < 0 or denied == i else remaining
+            parts.extend(self.window_lines[i])
+            parts.append(self.counters.decimal(int(shown) if shown > 0 else 0))
+            parts.append(b"\r\n")
             # RateLimit-*: the period with the least left; on a tie the longer one (later here).
             if lowest < 0 or remaining <= lowest_remaining:
                 lowest = i
                 lowest_remaining = remaining
         reset = max(1, self.seconds[lowest] - int((now * 1000 - starts[lowest]) // 1000))
         shown = lowest_remaining - 1 if denied < 0 or denied == lowest else lowest_remaining
-        _header(parts, b"RateLimit-Limit", self.limit_lines[lowest][1])
-        _header(parts, b"RateLimit-Remaining", b"%d" % max(0, shown))
-        _header(parts, b"RateLimit-Reset", b"%d" % reset)
+        parts.extend(self.summary_lines[lowest])
+        parts.append(self.counters.decimal(int(shown) if shown > 0 else 0))
+        parts.append(b"\r\n")
+        parts.extend(RESET_LINE)
+        parts.append(self.counters.decimal(reset))
+        parts.append(b"\r\n")
         if denied >= 0:
-            _header(parts, b"Retry-After", b"%d" % reset)
+            parts.extend(RETRY_AFTER_LINE)
+            parts.append(self.counters.decimal(reset))
+            parts.append(b"\r\n")
         return parts
 
 
@@ -1360,12 +1370,9 @@ class RateLimitingAdvancedHandler(RateLimitBase):
         namespace = config.namespace or context.plugin_id or ""
         self.suffixes = tuple(b"|%d" % size for size in self.sizes)
         self.prefix = namespace.encode() + b"|"
-        names = [WINDOW_NAMES.get(size, str(size)).encode() for size in self.sizes]
-        self.limit_lines = tuple(
-            (b"X-RateLimit-Limit-" + name, b"%d" % limit if limit == int(limit) else str(limit).encode())
-            for name, limit in zip(names, self.limits)
+        self.window_lines, self.summary_lines = header_lines(
+            [WINDOW_NAMES.get(size, str(size)) for size in self.sizes], self.limits
         )
-        self.remaining_names = tuple(b"X-RateLimit-Remaining-" + name for name in names)
         # strategy redis with sync_rate 0 checks in Redis; sync_rate -1 keeps the counters in
         # memory only (Kong), which is the node's shared counters.
         if config.strategy == "redis" and config.sync_rate == 0:
@@ -1414,38 +1421,51 @@ class RateLimitingAdvancedHandler(RateLimitBase):
         now = time.time()
         starts, weights = self.windows_now(now)
         prefix = self.prefix + self.identifier(exchange)
+        if len(self.windows) == 1:
+            # One window (the usual tier): a check without tuples (~1 us less, bench/README.md).
+            rate = self.counters.hit(prefix + self.suffixes[0], starts[0], self.windows[0], self.limits[0],
+                                     weights[0], self.penalty)
+            return self.decided(exchange, now, starts, 0 if rate > self.limits[0] else -1, [rate])
         keys = tuple([prefix + suffix for suffix in self.suffixes])
         denied, rates = self.counters.take_sliding(keys, tuple(starts), self.windows, self.limits, tuple(weights),
                                                    self.penalty)
         return self.decided(exchange, now, starts, denied, rates)
 
     def headers(self, now, starts, values, denied):
-        rates = [float(rate) for rate in values]  # from Redis they are strings
         parts = []
         lowest = -1
         lowest_remaining = 0.0
+        lowest_rate = 0.0
         for i in range(len(self.limits)):
-            remaining = max(self.limits[i] - rates[i], 0.0)
-            name, limit = self.limit_lines[i]
-            _header(parts, name, limit)
-            _header(parts, self.remaining_names[i], b"%d" % int(remaining))
+            rate = float(values[i])  # from Redis the rates are strings
+            remaining = self.limits[i] - rate
+            if remaining < 0:
+                remaining = 0.0
+            parts.extend(self.window_lines[i])
+            parts.append(self.counters.decimal(int(remaining)))
+            parts.append(b"\r\n")
+            # RateLimit-*: the window with the least left; on a tie the larger one.
             if lowest < 0 or remaining < lowest_remaining or (
                 remaining == lowest_remaining and self.sizes[i] >= self.sizes[lowest]
             ):
                 lowest = i
                 lowest_remaining = remaining
+                lowest_rate = rate
         size = self.sizes[lowest]
         reset = max(1, size - int(now - starts[lowest] / 1000))
-        if self.sliding:
+        if self.sliding and lowest_rate > self.limits[lowest]:
             # Until the weighted previous window has slid far enough for one more request.
-            over = max(0.0, (rates[lowest] - self.limits[lowest]) / self.limits[lowest] * size)
-            reset = int(-(-(reset + over) // 1))
-        _header(parts, b"RateLimit-Limit", self.limit_lines[lowest][1])
-        _header(parts, b"RateLimit-Remaining", b"%d" % int(lowest_remaining))
-        _header(parts, b"RateLimit-Reset", b"%d" % reset)
+            reset = int(math.ceil(reset + (lowest_rate - self.limits[lowest]) / self.limits[lowest] * size))
+        parts.extend(self.summary_lines[lowest])
+        parts.append(self.counters.decimal(int(lowest_remaining)))
+        parts.append(b"\r\n")
+        parts.extend(RESET_LINE)
+        parts.append(self.counters.decimal(reset))
+        parts.append(b"\r\n")
         if denied >= 0:
-            jitter = random.randint(0, self.jitter) if self.jitter else 0
-            _header(parts, b"Retry-After", b"%d" % (reset + jitter))
+            parts.extend(RETRY_AFTER_LINE)
+            parts.append(self.counters.decimal(reset + (random.randint(0, self.jitter) if self.jitter else 0)))
+            parts.append(b"\r\n")
         return parts
 
 

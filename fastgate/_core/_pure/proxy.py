@@ -349,6 +349,9 @@ class Exchange:
         self.upstream_path = b""
         self.upstream_host = b""
         self.responders = None
+        # Header lines (name, b": ", value, b"\r\n", ...) the access phase set for the client's
+        # response, proxied or not (Kong's kong.response.set_header in access: rate-limit headers).
+        self.response_headers = None
         self.body_filters = None
         self.loggers = None
         self.correlation_id = b""
@@ -844,6 +847,8 @@ class ClientConnection:
             head.extend((b"Content-Type", b": ", content_type, b"\r\n"))
         for name, value in extra_headers:
             head.extend((name, b": ", value, b"\r\n"))
+        if exchange.response_headers is not None:
+            head.extend(exchange.response_headers)
         if exchange.responders is not None:
             for responder in exchange.responders:
                 try:
@@ -1308,6 +1313,8 @@ class UpstreamConnection:
         exchange.response_started = True
         exchange.status = status
         self.keep_alive = parser.should_keep_alive()
+        if exchange.response_headers is not None:
+            self.header_parts.extend(exchange.response_headers)
         if exchange.responders is not None:
             self.run_responders(exchange, status)
         now = self.gateway.now

@@ -156,3 +156,25 @@ def test_a_lock_left_by_a_dead_process_is_taken_over():
     assert time.monotonic() - began < 2.0  # taken over after ~10 ms of spinning, not stuck
     counters.close()
     os.close(fd)
+
+
+def test_hit_is_take_sliding_for_one_window(limiter):
+    fd = segment(limiter)
+    one, many = limiter.SharedCounters(fd, 64), limiter.SharedCounters(fd, 64)
+    try:
+        for penalty in (True, False):
+            key = b"one-%d" % penalty
+            other = b"many-%d" % penalty
+            for start, weight in ((0, 0.0), (0, 0.0), (0, 0.0), (MINUTE, 0.25), (MINUTE, 0.25)):
+                rate = one.hit(key, start, MINUTE, 2.5, weight, penalty)
+                denied, rates = many.take_sliding((other,), (start,), (MINUTE,), (2.5,), (weight,), penalty)
+                assert (0 if rate > 2.5 else -1, [rate]) == (denied, rates)
+    finally:
+        one.close()
+        many.close()
+        os.close(fd)
+
+
+def test_decimal(counters):
+    assert [counters.decimal(value) for value in (0, 7, 42, -3, 10**18, -(2**63))] == [
+        b"0", b"7", b"42", b"-3", b"1000000000000000000", b"-9223372036854775808"]
