@@ -12,8 +12,9 @@ gateway.
   interpreted code), `/limited/json` (key-auth + acl + rate-limiting-advanced, local counters,
   a sliding 60 s window per consumer with a limit no run reaches) and, when redis-server is
   installed, `/limited-redis/json` (the same counted in a redis-server on core 1, strategy
-  redis, sync_rate 0). Every consumer has one key and the ACL group `users`; the odd-numbered
-  half of the keys is in the file only as `sha256:<hex>`.
+  redis, sync_rate 0); and, when nginx is installed, nginx itself proxying to the same upstream
+  (one worker, core 0) as the "x nginx" reference. Every consumer has one key and the ACL group
+  `users`; the odd-numbered half of the keys is in the file only as `sha256:<hex>`.
 - Load on core 1: wrk -t1 with a Lua script that sends a random consumer's key on each request
   (when wrk is installed), else bench/loadgen.py with one key. The scenarios alternate within
   each repetition, in an order that turns each repetition, so that the machine's drift hits all
@@ -42,14 +43,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.e2e import (  # noqa: E402
-    _UNIT, _WRK_PCT, _WRK_RPS, HERE, JSON_PORT, NGINX_UPSTREAM, SSE_PORT, cpu_seconds, free_port, pinned,
-    rss_kib, start, stop, tree_pids, wait_port,
+    _UNIT, _WRK_PCT, _WRK_RPS, HERE, JSON_PORT, NGINX_PROXY, NGINX_UPSTREAM, SSE_PORT, cpu_seconds, free_port,
+    pinned, rss_kib, start, stop, tree_pids, wait_port,
 )
 
 SCENARIOS = ("plain", "auth", "custom", "limited")
 # With redis-server installed: the same limit counted in Redis (strategy redis, sync_rate 0).
 REDIS_SCENARIO = "limited-redis"
 REDIS_PORT = 9003
+# With nginx installed: nginx as a plain reverse proxy (one worker, core 0), the reference the
+# issue's "x nginx" figures are measured against in the same run.
+NGINX_SCENARIO = "nginx"
 
 WRK_SCRIPT = """
 local prefix = "{prefix}"
@@ -93,8 +97,9 @@ def run_wrk(port: int, scenario: str, consumers: int, connections: int, duration
             worker_pids: list[int]) -> dict:
     prefix = "key-"
     script = run_dir / f"{scenario}.lua"
-    script.write_text(WRK_SCRIPT.format(prefix=prefix, count=consumers, path=f"/{scenario}/json"))
-    url = f"http://127.0.0.1:{port}/{scenario}/json"
+    path = "/json" if scenario == NGINX_SCENARIO else f"/{scenario}/json"
+    script.write_text(WRK_SCRIPT.format(prefix=prefix, count=consumers, path=path))
+    url = f"http://127.0.0.1:{port}{path}"
     before = cpu_seconds(worker_pids)
     if shutil.which("wrk"):
         out = subprocess.run(pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
@@ -162,15 +167,28 @@ def main() -> int:
         load_seconds = time.monotonic() - began
         worker_pids = [pid for pid in tree_pids(gateway.pid) if pid != gateway.pid]
 
+        ports = {scenario: port for scenario in scenarios}
+        pids = {scenario: worker_pids for scenario in scenarios}
+        if nginx:
+            nginx_port = free_port()
+            (run_dir / "proxy.conf").write_text(
+                NGINX_PROXY.format(run=run_dir, port=nginx_port, json_port=json_port, sse_port=SSE_PORT))
+            proxy = start(pinned(0, [nginx, "-p", str(run_dir), "-e", "stderr", "-c", str(run_dir / "proxy.conf"),
+                                     "-g", "daemon off;"]))
+            processes.append(proxy)
+            wait_port(nginx_port)
+            scenarios = scenarios + (NGINX_SCENARIO,)
+            ports[NGINX_SCENARIO] = nginx_port
+            pids[NGINX_SCENARIO] = [pid for pid in tree_pids(proxy.pid) if pid != proxy.pid] or [proxy.pid]
         for scenario in scenarios:  # warm-up: pools filled, code paths and key index hot
-            run_wrk(port, scenario, args.consumers, args.connections, 2.0, run_dir, worker_pids)
+            run_wrk(ports[scenario], scenario, args.consumers, args.connections, 2.0, run_dir, pids[scenario])
         runs: dict[str, list[dict]] = {scenario: [] for scenario in scenarios}
         for rep in range(args.reps):
             # The order turns each repetition so that drift within one does not favour a scenario.
             turn = rep % len(scenarios)
             for scenario in scenarios[turn:] + scenarios[:turn]:
-                runs[scenario].append(run_wrk(port, scenario, args.consumers, args.connections, args.duration,
-                                              run_dir, worker_pids))
+                runs[scenario].append(run_wrk(ports[scenario], scenario, args.consumers, args.connections,
+                                              args.duration, run_dir, pids[scenario]))
         memory = rss_kib(worker_pids[-1])
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status", timeout=5) as answer:
             server = json.load(answer)["server"]
@@ -179,6 +197,7 @@ def main() -> int:
             stop(process)
 
     plain_rps = statistics.median(r["rps"] for r in runs["plain"])
+    nginx_rps = statistics.median(r["rps"] for r in runs[NGINX_SCENARIO]) if NGINX_SCENARIO in runs else None
     plain_cpu = statistics.median(r["cpu_us_per_request"] for r in runs["plain"])
     summary = []
     for scenario, results in runs.items():
@@ -186,6 +205,7 @@ def main() -> int:
         cpu = statistics.median(r["cpu_us_per_request"] for r in results)
         summary.append({
             "scenario": scenario, "rps": rps, "x_plain": rps / plain_rps,
+            "x_nginx": rps / nginx_rps if nginx_rps else None,
             "x_plain_per_rep": [r["rps"] / p["rps"] for r, p in zip(results, runs["plain"])],
             "p50_ms": statistics.median(r["p50_ms"] for r in results),
             "p99_ms": statistics.median(r["p99_ms"] for r in results),
@@ -208,13 +228,16 @@ def main() -> int:
         f"(the order turning each repetition). Gateway: 1 worker on core 0, up in {load_seconds:.1f} s, worker RSS "
         f"{memory.get('VmRSS', 0) / 1024:.1f} MiB.",
         "",
-        "| scenario | req/s | x plain | x plain per rep | p50 ms | p99 ms | CPU us/req | us over plain | errors |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| scenario | req/s | x plain | x plain per rep | x nginx | p50 ms | p99 ms | CPU us/req | us over plain | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary:
+        x_nginx = "–" if row["x_nginx"] is None else f"{row['x_nginx']:.3f}"
         lines.append(
             f"| {row['scenario']} | {row['rps']:,.0f} | {row['x_plain']:.3f} | "
-            f"{', '.join(f'{x:.2f}' for x in row['x_plain_per_rep'])} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in row['x_plain_per_rep'])} | "
+            f"{x_nginx} | "
+            f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
             f"{row['cpu_us_per_request']:.1f} | {row['cpu_us_over_plain']:+.1f} | {row['errors']} |"
         )
     if report["redis_writes"]:
