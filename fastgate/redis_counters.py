@@ -21,9 +21,11 @@ when it ends; GET /status counts the workers that see Redis up or down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import ssl
+import time
 from collections import deque
 
 import hiredis
@@ -71,7 +73,24 @@ if result[1] > 0 and ARGV[2 * n + 1] == '0' then
 end
 return result
 """
+# sync_rate > 0. KEYS: counters; ARGV: what this worker counted in each since its last sync, then
+# each counter's lifetime. Adds them and returns every counter's total.
+SYNC_SCRIPT = b"""
+local n = #KEYS
+local totals = {}
+for i = 1, n do
+  local delta = tonumber(ARGV[i])
+  if delta > 0 then
+    totals[i] = redis.call('INCRBY', KEYS[i], delta)
+    if totals[i] == delta then redis.call('EXPIRE', KEYS[i], ARGV[n + i]) end
+  else
+    totals[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  end
+end
+return totals
+"""
 FIXED_SHA = hashlib.sha1(FIXED_SCRIPT).hexdigest().encode()
+SYNC_SHA = hashlib.sha1(SYNC_SCRIPT).hexdigest().encode()
 SLIDING_SHA = hashlib.sha1(SLIDING_SCRIPT).hexdigest().encode()
 # While Redis is down, a probe reconnects this often.
 PROBE_SECONDS = 1.0
@@ -158,9 +177,12 @@ class RedisCounters(asyncio.Protocol):
         # its PONG puts the server back in use.
         for setup in self.setup:
             self._send(setup, self._setup_answered)
-        self._send(command(b"SCRIPT", b"LOAD", FIXED_SCRIPT), self._setup_answered)
-        self._send(command(b"SCRIPT", b"LOAD", SLIDING_SCRIPT), self._setup_answered)
+        self.load_scripts()
         self._send(command(b"PING"), self._ping_answered)
+
+    def load_scripts(self):
+        for script in (FIXED_SCRIPT, SLIDING_SCRIPT, SYNC_SCRIPT):
+            self._send(command(b"SCRIPT", b"LOAD", script), self._setup_answered)
 
     def _setup_answered(self, reply):
         if isinstance(reply, Exception):
@@ -249,8 +271,7 @@ class RedisCounters(asyncio.Protocol):
             if isinstance(reply, hiredis.ReplyError):
                 if reply.args and str(reply.args[0]).startswith("NOSCRIPT"):
                     # Redis lost the scripts (SCRIPT FLUSH, a failover): load them again.
-                    self._send(command(b"SCRIPT", b"LOAD", FIXED_SCRIPT), self._setup_answered)
-                    self._send(command(b"SCRIPT", b"LOAD", SLIDING_SCRIPT), self._setup_answered)
+                    self.load_scripts()
                 reply = RedisError(str(reply))
             callback(reply)
 
@@ -266,14 +287,102 @@ class RedisCounters(asyncio.Protocol):
             self.timer = self.loop.call_at(deadline, self.expire)
 
 
+# Counters one sync carries at most (more go in the next script call of the same write).
+SYNC_BATCH = 1000
+
+
+class SyncedCounts:
+    """sync_rate > 0: this worker counts on its own and adds its counts to Redis every
+    `interval` seconds (one pipelined write), reading back the totals. A check sees the totals
+    of the last sync plus this worker's counts since, so it is approximate: between two syncs
+    each of the W workers of all the nodes may admit up to what the limit had left at the last
+    sync, i.e. at most (W - 1) x (L - total at the last sync) over L per window and interval.
+    While Redis is down the counts are kept and added at the first sync that gets through."""
+
+    def __init__(self, loop, connection, interval):
+        self.loop = loop
+        self.connection = connection
+        self.interval = interval
+        self.deltas: dict[bytes, int] = {}
+        self.totals: dict[bytes, int] = {}
+        self.expiries: dict[bytes, float] = {}  # key -> when its window is over (time.time())
+        self.lifetimes: dict[bytes, int] = {}
+        self.timer = loop.call_later(interval, self.sync)
+
+    def count(self, key):
+        return self.totals.get(key, 0) + self.deltas.get(key, 0)
+
+    def watch(self, key, lifetime, expires_at):
+        """Have `key`'s total read back at every sync until `expires_at`."""
+        if key not in self.lifetimes:
+            self.lifetimes[key] = lifetime
+            self.expiries[key] = expires_at
+
+    def add(self, key, lifetime, expires_at):
+        self.watch(key, lifetime, expires_at)
+        self.deltas[key] = self.deltas.get(key, 0) + 1
+
+    def sync(self):
+        self.timer = self.loop.call_later(self.interval, self.sync)
+        now = time.time()
+        for key in [key for key, expiry in self.expiries.items() if expiry <= now]:
+            # A window that is over: its counter no longer decides anything here.
+            self.totals.pop(key, None)
+            self.deltas.pop(key, None)
+            del self.lifetimes[key]
+            del self.expiries[key]
+        keys = list(self.expiries)
+        if not keys:
+            return
+        deltas, self.deltas = self.deltas, {}
+        for start in range(0, len(keys), SYNC_BATCH):
+            batch = keys[start:start + SYNC_BATCH]
+            counts = [deltas.get(key, 0) for key in batch]
+            request = command(b"EVALSHA", SYNC_SHA, b"%d" % len(batch), *batch,
+                              *[b"%d" % count for count in counts], *[b"%d" % self.lifetimes[key] for key in batch])
+            if not self.connection.call(request, functools.partial(self.synced, batch, counts)):
+                self.keep(batch, counts)
+
+    def synced(self, keys, counts, reply):
+        if isinstance(reply, Exception):
+            self.keep(keys, counts)
+            return
+        for key, total in zip(keys, reply):
+            if key in self.expiries:
+                self.totals[key] = total
+
+    def keep(self, keys, counts):
+        """Counts that did not reach Redis go with the next sync."""
+        for key, count in zip(keys, counts):
+            if count and key in self.expiries:
+                self.deltas[key] = self.deltas.get(key, 0) + count
+
+
+_synced: dict[tuple, SyncedCounts] = {}
+
+
+def synced_counts(loop, redis, owner, interval) -> SyncedCounts:
+    """This worker's counts for one plugin instance (`owner`: its id) with sync_rate > 0, kept
+    across reloads of the same instance."""
+    key = (owner, interval) + _config_key(redis)
+    found = _synced.get(key)
+    if found is None:
+        found = _synced[key] = SyncedCounts(loop, connection(loop, redis), interval)
+    return found
+
+
+def _config_key(redis) -> tuple:
+    return (redis.host, redis.port, redis.timeout, redis.username, redis.password, redis.database, redis.ssl,
+            redis.ssl_verify, redis.server_name)
+
+
 _connections: dict[tuple, RedisCounters] = {}
 
 
 def connection(loop, redis) -> RedisCounters:
     """This worker's connection to the server of a plugin's `redis` config (made on first use,
     shared by every plugin instance and kept across reloads)."""
-    key = (redis.host, redis.port, redis.timeout, redis.username, redis.password, redis.database, redis.ssl,
-           redis.ssl_verify, redis.server_name)
+    key = _config_key(redis)
     found = _connections.get(key)
     if found is None:
         found = _connections[key] = RedisCounters(

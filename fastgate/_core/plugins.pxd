@@ -193,8 +193,12 @@ cdef class RateLimitBase:
     cdef public bint fault_tolerant
     cdef public bytes redis_prefix
     cdef public bytes redis_suffix
+    cdef public double sync_rate
+    cdef public object synced
+    cdef public str plugin_id
 
     cdef init_identifier(self, object config, object context, str limit_by)
+    cdef object synced_for(self, Exchange exchange)
     cdef object redis_check(self, Exchange exchange, bytes request, object answered)
     cdef object redis_failed(self, Exchange exchange)
     cpdef redis_answered(self, double now, object starts, Exchange exchange, object future, object reply)
@@ -225,6 +229,8 @@ cdef class RateLimitingHandler(RateLimitBase):
     cdef tuple keys(self, Exchange exchange, tuple starts)
     @cython.locals(now=double, starts=tuple, denied=Py_ssize_t)
     cdef object local(self, Exchange exchange)
+    @cython.locals(now=double, starts=tuple, keys=tuple, usages=list, denied=Py_ssize_t, i=Py_ssize_t)
+    cdef object synced_check(self, Exchange exchange)
     @cython.locals(parts=list, lowest=Py_ssize_t, lowest_remaining=double, remaining=double, shown=double, i=Py_ssize_t,
                    reset=long)
     cdef list headers(self, double now, object starts, list values, Py_ssize_t denied)
@@ -245,7 +251,12 @@ cdef class RateLimitingAdvancedHandler(RateLimitBase):
     @cython.locals(starts=list, weights=list, window=cython.longlong, now_ms=cython.longlong, start=cython.longlong,
                    i=Py_ssize_t)
     cdef tuple windows_now(self, double now)
-    @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=list, request=bytes, i=Py_ssize_t)
+    @cython.locals(prefix=bytes, keys=list, i=Py_ssize_t)
+    cdef list redis_keys(self, Exchange exchange, list starts)
+    @cython.locals(now=double, starts=list, weights=list, keys=list, denied=Py_ssize_t, rates=list, counted=Py_ssize_t,
+                   i=Py_ssize_t, lifetime=long, expires_at=double, current=double, rate=double)
+    cdef object synced_check(self, Exchange exchange)
+    @cython.locals(now=double, starts=list, weights=list, keys=list, request=bytes)
     cpdef access(self, Exchange exchange)
     @cython.locals(now=double, starts=list, weights=list, prefix=bytes, keys=tuple, denied=Py_ssize_t, rate=double)
     cdef object local(self, Exchange exchange)

@@ -37,7 +37,10 @@ def check_store(field: str, value: str, redis: RedisConfig) -> None:
         raise ValueError(f"redis.host is required when {field} is 'redis'")
 
 
-def check_sync_rate(sync_rate: float | None) -> None:
-    if sync_rate is not None and sync_rate > 0:
-        raise ValueError("sync_rate: counting locally and syncing to Redis periodically is not supported yet; "
-                         "use -1 (rate-limiting) or 0 (rate-limiting-advanced) for a check in Redis per request")
+def check_sync_rate(sync_rate: float | None, per_request: float) -> None:
+    """`per_request` (-1 for rate-limiting, 0 for rate-limiting-advanced) checks in Redis on
+    every request; a positive rate syncs that often, no more than every 0.02 s (Kong)."""
+    if sync_rate is not None and sync_rate != per_request and sync_rate != -1 and sync_rate < 0.02:
+        memory_only = "" if per_request == -1 else ", -1 (counters in memory only)"
+        raise ValueError(f"sync_rate: {per_request:g} (a check in Redis per request){memory_only} or at least 0.02 "
+                         f"(seconds between syncs)")

@@ -46,7 +46,7 @@ class RateLimitingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tru
         check_identifier(self.limit_by, self.header_name, self.path)
         check_store("policy", self.policy, self.redis)
         if self.policy == "redis":
-            check_sync_rate(self.sync_rate)
+            check_sync_rate(self.sync_rate, -1)
 
 
 class RateLimiting(core.RateLimitingHandler):

@@ -43,7 +43,7 @@ class RateLimitingAdvancedConfig(msgspec.Struct, forbid_unknown_fields=True, kw_
             # Kong: 0 checks in Redis on every request, -1 keeps the counters in memory only.
             if self.sync_rate is None:
                 raise ValueError("sync_rate is required when strategy is 'redis'")
-            check_sync_rate(self.sync_rate)
+            check_sync_rate(self.sync_rate, 0)
 
 
 class RateLimitingAdvanced(core.RateLimitingAdvancedHandler):

@@ -19,6 +19,8 @@ from tests.integration.test_rate_limiting import _burst
 
 # Checks wait this long for Redis before the node's counters decide.
 TIMEOUT_MS = 300
+# sync_rate > 0: the workers add their counts to Redis this often.
+SYNC_SECONDS = 0.1
 
 
 class RedisServer:
@@ -89,6 +91,8 @@ def CONFIG(upstream, redis_port):
             route("frozen", limits(day=3)),
             route("strict", limits(day=1000, fault_tolerant=False)),
             route("flushed", limits(day=1000)),
+            route("synced-fixed", limits(day=50, sync_rate=SYNC_SECONDS)),
+            route("synced-sliding", advanced(limit=[50], window_size=[86400], sync_rate=SYNC_SECONDS)),
         ]}],
     }
 
@@ -210,3 +214,24 @@ def test_a_frozen_redis_costs_a_request_at_most_the_timeout(gateways, redis):
     finally:
         redis.thaw()
     wait_redis_up(gateway)
+
+
+@pytest.mark.parametrize(("path", "pattern"), [("/synced-fixed", b"ratelimit:*:day"), ("/synced-sliding", b"*|86400|*")])
+def test_sync_rate_counts_locally_within_the_documented_bound(gateways, redis, path, pattern):
+    for gateway in gateways:
+        wait_redis_up(gateway)
+    before = set(redis.command(b"KEYS", pattern))
+    answers = asyncio.run(_two_bursts(gateways, path))
+    admitted = sum(status == 200 for burst in answers for status, _ in burst)
+    # Two workers (one per node), both starting from a total of 0: each may admit the whole
+    # limit before the first sync, so between L and 2 x L pass (the bound in redis_counters.py).
+    assert 50 <= admitted <= 100, admitted
+    time.sleep(SYNC_SECONDS * 4)
+    # After a sync every node sees the shared total and denies.
+    assert [gateway.request("GET", path).status for gateway in gateways] == [429, 429]
+    time.sleep(SYNC_SECONDS * 4)
+    # Redis holds every count: the admitted requests for rate-limiting (a denied request counts
+    # nowhere), all 202 for rate-limiting-advanced (its default penalty counts denials too).
+    counters = set(redis.command(b"KEYS", pattern)) - before  # this route's counters
+    expected = admitted if path == "/synced-fixed" else 202
+    assert sum(int(redis.command(b"GET", key)) for key in counters) == expected

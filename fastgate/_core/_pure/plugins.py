@@ -1163,6 +1163,17 @@ class RateLimitBase:
         self.redis = None
         self.redis_config = None
         self.fault_tolerant = True
+        # sync_rate > 0: counted on this worker, added to Redis every sync_rate seconds.
+        self.sync_rate = 0.0
+        self.synced = None
+        self.plugin_id = context.plugin_id or ""
+
+    def synced_for(self, exchange):
+        synced = self.synced
+        if synced is None:
+            synced = self.synced = redis_counters.synced_counts(
+                exchange.client.loop, self.redis_config, self.plugin_id, self.sync_rate)
+        return synced
 
     def redis_check(self, exchange, request, answered):
         """Send a check to Redis: the future the request waits on (no Task), or None when Redis
@@ -1281,6 +1292,7 @@ class RateLimitingHandler(RateLimitBase):
         if config.policy == "redis":
             self.redis_config = config.redis
             self.fault_tolerant = config.fault_tolerant
+            self.sync_rate = config.sync_rate if config.sync_rate > 0 else 0.0
             count = len(periods)
             # EVALSHA <sha> <n> <keys...> <limits...> <lifetimes...>: all but the keys made here.
             self.redis_prefix = b"*%d\r\n" % (3 + 3 * count) + redis_counters.bulk(
@@ -1305,6 +1317,8 @@ class RateLimitingHandler(RateLimitBase):
     def access(self, exchange):
         if self.redis_config is None:
             return self.local(exchange)
+        if self.sync_rate > 0:
+            return self.synced_check(exchange)
         now = time.time()
         starts = self.window_starts(now)
         request = self.redis_prefix + redis_counters.bulk(self.keys(exchange, starts)) + self.redis_suffix
@@ -1319,6 +1333,23 @@ class RateLimitingHandler(RateLimitBase):
         now = time.time()
         starts = self.window_starts(now)
         denied, usages = self.counters.take_fixed(self.keys(exchange, starts), starts, self.windows, self.limits)
+        return self.decided(exchange, now, starts, denied, usages)
+
+    def synced_check(self, exchange):
+        """sync_rate > 0: the totals of the last sync plus this worker's counts since."""
+        now = time.time()
+        starts = self.window_starts(now)
+        keys = self.keys(exchange, starts)
+        synced = self.synced_for(exchange)
+        usages = [synced.count(key) for key in keys]
+        denied = -1
+        for i in range(len(keys)):
+            if self.limits[i] - usages[i] <= 0:
+                denied = i
+                break
+        if denied < 0:
+            for i in range(len(keys)):
+                synced.add(keys[i], self.seconds[i], starts[i] / 1000 + self.seconds[i])
         return self.decided(exchange, now, starts, denied, usages)
 
 
@@ -1375,8 +1406,9 @@ class RateLimitingAdvancedHandler(RateLimitBase):
         )
         # strategy redis with sync_rate 0 checks in Redis; sync_rate -1 keeps the counters in
         # memory only (Kong), which is the node's shared counters.
-        if config.strategy == "redis" and config.sync_rate == 0:
+        if config.strategy == "redis" and config.sync_rate >= 0:
             self.redis_config = config.redis
+            self.sync_rate = config.sync_rate
             count = len(self.sizes)
             # EVALSHA <sha> <2n> <keys...> <limits...> <lifetimes...> <penalty> <weights...>:
             # all but the keys and the weights made here.
@@ -1401,16 +1433,49 @@ class RateLimitingAdvancedHandler(RateLimitBase):
             weights.append((window - (now_ms - start)) / window if self.sliding else 0.0)
         return starts, weights
 
-    def access(self, exchange):
-        if self.redis_config is None:
-            return self.local(exchange)
-        now = time.time()
-        starts, weights = self.windows_now(now)
+    def redis_keys(self, exchange, starts):
+        """Per window, the names of its current and previous counters in Redis."""
         prefix = self.prefix + self.identifier(exchange)
         keys = []
         for i in range(len(self.windows)):
             keys.append(prefix + self.suffixes[i] + b"|%d" % starts[i])
             keys.append(prefix + self.suffixes[i] + b"|%d" % (starts[i] - self.windows[i]))
+        return keys
+
+    def synced_check(self, exchange):
+        """sync_rate > 0: the totals of the last sync plus this worker's counts since."""
+        now = time.time()
+        starts, weights = self.windows_now(now)
+        keys = self.redis_keys(exchange, starts)
+        synced = self.synced_for(exchange)
+        denied = -1
+        rates = []
+        counted = 0
+        for i in range(len(self.windows)):
+            lifetime = 2 * self.sizes[i]
+            expires_at = starts[i] / 1000 + lifetime
+            synced.watch(keys[2 * i + 1], lifetime, expires_at)
+            current = synced.count(keys[2 * i])
+            if denied < 0:
+                current += 1
+                counted = i + 1
+            rate = current + synced.count(keys[2 * i + 1]) * weights[i]
+            rates.append(rate)
+            if denied < 0 and rate > self.limits[i]:
+                denied = i
+        if denied < 0 or self.penalty:
+            for i in range(counted):
+                synced.add(keys[2 * i], 2 * self.sizes[i], starts[i] / 1000 + 2 * self.sizes[i])
+        return self.decided(exchange, now, starts, denied, rates)
+
+    def access(self, exchange):
+        if self.redis_config is None:
+            return self.local(exchange)
+        if self.sync_rate > 0:
+            return self.synced_check(exchange)
+        now = time.time()
+        starts, weights = self.windows_now(now)
+        keys = self.redis_keys(exchange, starts)
         request = (self.redis_prefix + redis_counters.bulk(keys) + self.redis_suffix
                    + redis_counters.bulk([repr(weight).encode() for weight in weights]))
         future = self.redis_check(exchange, request, functools.partial(self.redis_answered, now, starts))

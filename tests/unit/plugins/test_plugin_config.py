@@ -83,9 +83,12 @@ def problems(plugins: list[dict]) -> list[str]:
          "plugins[0].config: policy: 'cluster' keeps counters in Kong's database and fastgate has none; use 'local' or 'redis'"),
         ({"name": "rate-limiting", "config": {"minute": 6, "policy": "redis"}},
          "plugins[0].config: redis.host is required when policy is 'redis'"),
-        ({"name": "rate-limiting", "config": {"minute": 6, "policy": "redis", "redis": {"host": "h"}, "sync_rate": 1}},
-         "plugins[0].config: sync_rate: counting locally and syncing to Redis periodically is not supported yet; "
-         "use -1 (rate-limiting) or 0 (rate-limiting-advanced) for a check in Redis per request"),
+        ({"name": "rate-limiting", "config": {"minute": 6, "policy": "redis", "redis": {"host": "h"}, "sync_rate": 0.01}},
+         "plugins[0].config: sync_rate: -1 (a check in Redis per request) or at least 0.02 (seconds between syncs)"),
+        ({"name": "rate-limiting-advanced", "config": {"limit": [5], "window_size": [60], "strategy": "redis",
+                                                       "redis": {"host": "h"}, "sync_rate": 0.001}},
+         "plugins[0].config: sync_rate: 0 (a check in Redis per request), -1 (counters in memory only) or at least "
+         "0.02 (seconds between syncs)"),
         ({"name": "rate-limiting-advanced", "config": {"limit": [5], "window_size": [60], "strategy": "redis",
                                                        "redis": {"host": "h"}}},
          "plugins[0].config: sync_rate is required when strategy is 'redis'"),
