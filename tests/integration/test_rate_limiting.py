@@ -42,6 +42,13 @@ def CONFIG(upstream):
                                          window_type="fixed", retry_after_jitter_max=0)),
             route("group-shared", key_auth),
             route("adv-50", advanced(limit=[50], window_size=[86400], identifier="ip", window_type="fixed")),
+            route("shared-a", advanced(limit=[3], window_size=[86400], identifier="ip", namespace="team-quota")),
+            route("shared-b", advanced(limit=[3], window_size=[86400], identifier="ip", namespace="team-quota")),
+            route("jitter", advanced(limit=[1], window_size=[86400], identifier="ip", window_type="fixed",
+                                     retry_after_jitter_max=30)),
+            route("adv-hidden", advanced(limit=[1], window_size=[86400], identifier="ip", hide_client_headers=True,
+                                         error_code=503, error_message="over quota")),
+            route("calendar", limits(month=1000, year=5000, limit_by="ip")),
             route("transformed", advanced(limit=[10], window_size=[86400], identifier="ip"),
                   {"name": "response-transformer", "config": {
                       "remove": {"headers": ["RateLimit-Reset"]},
@@ -204,3 +211,40 @@ def test_other_plugins_see_the_rate_limit_headers(gateway):
     response = gateway.request("GET", "/transformed")
     assert "RateLimit-Reset" not in response.headers and "X-RateLimit-Remaining-Day" not in response.headers
     assert response.headers["X-Left"] == "9" and response.headers["X-RateLimit-Limit-Day"] == "10"
+
+
+def test_a_namespace_shares_counters_across_instances(gateway):
+    statuses = [gateway.request("GET", path).status for path in ("/shared-a", "/shared-b", "/shared-a", "/shared-b")]
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_retry_after_jitter(gateway):
+    assert gateway.request("GET", "/jitter").status == 200
+    waits = []
+    for _ in range(12):
+        denied = gateway.request("GET", "/jitter")
+        assert denied.status == 429
+        reset = int(denied.headers["RateLimit-Reset"])
+        waits.append(int(denied.headers["Retry-After"]) - reset)
+    assert all(0 <= wait <= 30 for wait in waits) and len(set(waits)) > 1, waits
+
+
+def test_advanced_hidden_headers_and_custom_error(gateway):
+    assert "X-RateLimit-Remaining-Day" not in gateway.request("GET", "/adv-hidden").headers
+    denied = gateway.request("GET", "/adv-hidden")
+    assert (denied.status, denied.json()["message"]) == (503, "over quota")
+    assert "Retry-After" not in denied.headers and "RateLimit-Limit" not in denied.headers
+
+
+def test_calendar_month_and_year_windows(gateway):
+    import calendar
+    import time as clock
+
+    response = gateway.request("GET", "/calendar")
+    assert (response.headers["X-RateLimit-Limit-Month"], response.headers["X-RateLimit-Remaining-Month"]) == ("1000", "999")
+    assert (response.headers["X-RateLimit-Limit-Year"], response.headers["X-RateLimit-Remaining-Year"]) == ("5000", "4999")
+    # The month leads (least left); its reset counts from the 1st of the month, UTC, with
+    # Kong's 30-day month: 2,592,000 s minus the seconds since.
+    now = clock.gmtime()
+    since = clock.time() - calendar.timegm((now.tm_year, now.tm_mon, 1, 0, 0, 0))
+    assert abs(int(response.headers["RateLimit-Reset"]) - max(1, 2_592_000 - int(since))) <= 2
