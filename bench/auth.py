@@ -43,8 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.e2e import (  # noqa: E402
-    _UNIT, _WRK_PCT, _WRK_RPS, HERE, JSON_PORT, NGINX_PROXY, NGINX_UPSTREAM, SSE_PORT, cpu_seconds, free_port,
-    pinned, rss_kib, start, stop, tree_pids, wait_port,
+    _UNIT, _WRK_PCT, _WRK_RPS, HERE, JSON_PORT, NGINX_UPSTREAM, SSE_PORT, cpu_seconds, free_port, pinned, rss_kib,
+    start, start_nginx_proxy, stop, tree_pids, wait_port,
 )
 
 SCENARIOS = ("plain", "auth", "custom", "limited")
@@ -170,13 +170,8 @@ def main() -> int:
         ports = {scenario: port for scenario in scenarios}
         pids = {scenario: worker_pids for scenario in scenarios}
         if nginx:
-            nginx_port = free_port()
-            (run_dir / "proxy.conf").write_text(
-                NGINX_PROXY.format(run=run_dir, port=nginx_port, json_port=json_port, sse_port=SSE_PORT))
-            proxy = start(pinned(0, [nginx, "-p", str(run_dir), "-e", "stderr", "-c", str(run_dir / "proxy.conf"),
-                                     "-g", "daemon off;"]))
+            nginx_port, proxy = start_nginx_proxy(nginx, run_dir, json_port)
             processes.append(proxy)
-            wait_port(nginx_port)
             scenarios = scenarios + (NGINX_SCENARIO,)
             ports[NGINX_SCENARIO] = nginx_port
             pids[NGINX_SCENARIO] = [pid for pid in tree_pids(proxy.pid) if pid != proxy.pid] or [proxy.pid]

@@ -274,6 +274,17 @@ def run_sse(port: int, streams: int, events: int = 20, interval: float = 0.01, o
     }
 
 
+def start_nginx_proxy(nginx: str, run_dir: Path, json_port: int) -> tuple[int, subprocess.Popen]:
+    """nginx as the reference reverse proxy, one worker on core 0: its port and process."""
+    proxy_port = free_port()
+    (run_dir / "proxy.conf").write_text(
+        NGINX_PROXY.format(run=run_dir, port=proxy_port, json_port=json_port, sse_port=SSE_PORT))
+    proxy = start(pinned(0, [nginx, "-p", str(run_dir), "-e", "stderr", "-c", str(run_dir / "proxy.conf"),
+                             "-g", "daemon off;"]))
+    wait_port(proxy_port)
+    return proxy_port, proxy
+
+
 def start(command: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "wb") if log else subprocess.DEVNULL
     return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -336,13 +347,8 @@ def main() -> int:
         targets.append(Target("fastgate", gateway_port, gateway))
 
         if nginx:
-            proxy_port = free_port()
-            (run_dir / "proxy.conf").write_text(
-                NGINX_PROXY.format(run=run_dir, port=proxy_port, json_port=json_port, sse_port=SSE_PORT))
-            proxy = start(pinned(0, [nginx, "-p", str(run_dir), "-e", "stderr", "-c", str(run_dir / "proxy.conf"),
-                                     "-g", "daemon off;"]))
+            proxy_port, proxy = start_nginx_proxy(nginx, run_dir, json_port)
             processes.append(proxy)
-            wait_port(proxy_port)
             targets.append(Target("nginx", proxy_port, proxy))
         best = BASELINES / "best_proxy.py"
         if best.exists() and json_port == JSON_PORT:

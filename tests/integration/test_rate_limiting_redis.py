@@ -123,6 +123,16 @@ def wait_redis_up(gateway, timeout=10.0):
     raise AssertionError(f"Redis not back in use: {gateway.status()}")
 
 
+def timed_requests(gateway, path, count):
+    """`count` requests one after another: their statuses and how long each took (s)."""
+    statuses, timings = [], []
+    for _ in range(count):
+        began = time.monotonic()
+        statuses.append(gateway.request("GET", path).status)
+        timings.append(time.monotonic() - began)
+    return statuses, timings
+
+
 async def _two_bursts(gateways, path):
     return await asyncio.gather(*(_burst(gateway.port, path, 100) for gateway in gateways))
 
@@ -172,12 +182,7 @@ def test_redis_down_then_back(gateways, redis):
     redis.stop()
     try:
         # fault_tolerant (the default): the node's counters limit, and nobody waits.
-        timings = []
-        statuses = []
-        for _ in range(4):
-            began = time.monotonic()
-            statuses.append(gateway.request("GET", "/tolerant").status)
-            timings.append(time.monotonic() - began)
+        statuses, timings = timed_requests(gateway, "/tolerant", 4)
         assert statuses == [200, 200, 200, 429]
         assert max(timings) < TIMEOUT_MS / 1000 + 0.5, timings
         # fault_tolerant false: 500.
@@ -200,12 +205,7 @@ def test_a_frozen_redis_costs_a_request_at_most_the_timeout(gateways, redis):
     wait_redis_up(gateway)
     redis.freeze()
     try:
-        timings = []
-        statuses = []
-        for _ in range(4):
-            began = time.monotonic()
-            statuses.append(gateway.request("GET", "/frozen").status)
-            timings.append(time.monotonic() - began)
+        statuses, timings = timed_requests(gateway, "/frozen", 4)
         # The first check waits out the timeout, then the node decides; the next ones do not
         # wait at all while Redis is down.
         assert statuses == [200, 200, 200, 429]
