@@ -24,20 +24,26 @@ SYNC_SECONDS = 0.1
 
 
 class RedisServer:
-    """A redis-server of our own: no persistence, loopback only."""
+    """A redis-server of our own: no persistence, loopback only; `options` add to its command
+    line, `setup` are the commands a client sends first (AUTH, SELECT), `tls` an SSL context
+    when it listens with TLS only."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, options=(), setup=(), tls=None):
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
         self.port = free_port()
         self.directory = directory
+        self.options = list(options)
+        self.setup = list(setup)
+        self.tls = tls
         self.process = None
         self.start()
 
     def start(self):
+        listen = ["--port", "0", "--tls-port", str(self.port)] if self.tls else ["--port", str(self.port)]
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
+            ["redis-server", *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), *self.options],
             stdout=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -50,12 +56,20 @@ class RedisServer:
         raise AssertionError("redis-server did not start")
 
     def command(self, *parts: bytes):
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
-            sock.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+        requests = [*self.setup, parts]
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw:
+            sock = self.tls.wrap_socket(raw, server_hostname="localhost") if self.tls else raw
+            sock.sendall(b"".join(b"*%d\r\n" % len(request) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in request)
+                                  for request in requests))
             reader = hiredis.Reader()
-            while (reply := reader.gets()) is False:
-                reader.feed(sock.recv(65536))
-            return reply
+            replies = []
+            while len(replies) < len(requests):
+                reply = reader.gets()
+                if reply is False:
+                    reader.feed(sock.recv(65536))
+                else:
+                    replies.append(reply)
+            return replies[-1]
 
     def stop(self):
         self.process.terminate()
@@ -235,3 +249,42 @@ def test_sync_rate_counts_locally_within_the_documented_bound(gateways, redis, p
     counters = set(redis.command(b"KEYS", pattern)) - before  # this route's counters
     expected = admitted if path == "/synced-fixed" else 202
     assert sum(int(redis.command(b"GET", key)) for key in counters) == expected
+
+
+def test_password_database_and_tls(upstream, start_gateway, tmp_path):
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    client_tls = ssl.create_default_context()
+    client_tls.check_hostname = False
+    client_tls.verify_mode = ssl.CERT_NONE
+    secured = RedisServer(tmp_path, options=["--requirepass", "s3cret"], setup=[(b"AUTH", b"s3cret"), (b"SELECT", b"3")])
+    encrypted = RedisServer(tmp_path, tls=client_tls, options=[
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+        "--tls-auth-clients", "no"])
+    try:
+        def route(name, redis):
+            return {"name": name, "paths": [f"/{name}"], "plugins": [{"name": "rate-limiting", "config": {
+                "day": 2, "limit_by": "ip", "policy": "redis", "redis": {"host": "127.0.0.1", "timeout": 1000, **redis}}}]}
+
+        gateway = start_gateway({"_format_version": "3.0", "services": [{"name": "echo", "url": f"{upstream.url}/echo",
+                                 "routes": [
+            route("secured", {"port": secured.port, "password": "s3cret", "database": 3}),
+            route("encrypted", {"port": encrypted.port, "ssl": True}),
+            route("refused", {"port": secured.port, "password": "wrong"}),
+        ]}]})
+        server = gateway.status()[1]["server"]
+        assert (server["redis_connections_up"], server["redis_connections_down"]) == (2, 1)
+        for path, redis in (("/secured", secured), ("/encrypted", encrypted)):
+            assert [gateway.request("GET", path).status for _ in range(3)] == [200, 200, 429]
+            counters = redis.command(b"KEYS", b"ratelimit:*")
+            assert len(counters) == 1 and redis.command(b"GET", counters[0]) == b"2"
+        # The wrong password: refused at setup, so this route counts on the node (fault tolerant).
+        assert [gateway.request("GET", "/refused").status for _ in range(3)] == [200, 200, 429]
+        assert "setup failed" in gateway.logs()
+        assert b"s3cret" not in gateway.logs().encode() and "wrong" not in gateway.logs()
+    finally:
+        secured.stop()
+        encrypted.stop()
