@@ -19,6 +19,10 @@ A plugin is a class with:
   - `log(exchange, status)`: after the response went out, off the client's path;
 * `watched_headers` (optional): canonical request header names (lower case, `-` for `_`) the
   plugin reads from `exchange.headers`;
+* `exchange.plugin_data`: a dict (None until a plugin sets one) for a plugin's own per-request
+  state between its phases; the Exchange is a compiled class without room for new attributes;
+* `exchange.response_headers`: header parts (name, b": ", value, b"\r\n", ...) the access phase
+  adds to the client's response, proxied or answered by the gateway (the rate-limit headers);
 * `exchange.read_body()` in `access`, for a plugin that must see the whole request body before
   it decides: the body (b"" without one), or None while it is still arriving, in which case
   `access` returns None having changed nothing and is called again once the body is complete
