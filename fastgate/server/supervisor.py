@@ -17,7 +17,7 @@ from aiohttp import web
 
 from fastgate import __version__, _core
 from fastgate.config import ConfigError
-from fastgate.config.compile import COUNTER_SLOTS
+from fastgate.config.compile import COUNTER_SLOTS, use_node_counters
 from fastgate.config.load import read_source
 from fastgate.server.control import ControlChannel
 from fastgate.server.worker import build_snapshot, server_ssl_context
@@ -61,6 +61,8 @@ class Supervisor:
         # workers count together (a restarted worker maps the same one and loses nothing).
         self.counters_fd = os.memfd_create("fastgate-counters")
         _core.initialise_counters(self.counters_fd, COUNTER_SLOTS)
+        # The snapshots the supervisor builds to validate a file use it too (never for a check).
+        use_node_counters(_core.SharedCounters(self.counters_fd, COUNTER_SLOTS))
 
     # -- config ------------------------------------------------------------------------------
 
