@@ -196,10 +196,15 @@ cdef class RateLimitBase:
     cdef public double sync_rate
     cdef public object synced
     cdef public str plugin_id
+    cdef public tuple limits
+    cdef public tuple windows
+    cdef public tuple window_lines
+    cdef public tuple summary_lines
 
     cdef init_identifier(self, object config, object context, str limit_by)
     cdef object synced_for(self, Exchange exchange)
-    cdef object redis_check(self, Exchange exchange, bytes request, object answered)
+    cdef object redis_check(self, Exchange exchange, bytes request, double now, object starts)
+    cdef summary(self, list parts, Py_ssize_t lowest, long long remaining, long long reset, long long retry_after)
     cdef object redis_failed(self, Exchange exchange)
     cpdef redis_answered(self, double now, object starts, Exchange exchange, object future, object reply)
     @cython.locals(lines=list)
@@ -216,10 +221,6 @@ cdef class RateLimitingHandler(RateLimitBase):
     cdef public bytes scope
     cdef public tuple names
     cdef public tuple seconds
-    cdef public tuple windows
-    cdef public tuple limits
-    cdef public tuple window_lines
-    cdef public tuple summary_lines
 
     @cython.locals(starts=list, seconds=long)
     cdef tuple window_starts(self, double now)
@@ -227,7 +228,7 @@ cdef class RateLimitingHandler(RateLimitBase):
     cpdef access(self, Exchange exchange)
     @cython.locals(prefix=bytes, i=Py_ssize_t)
     cdef tuple keys(self, Exchange exchange, tuple starts)
-    @cython.locals(now=double, starts=tuple, denied=Py_ssize_t)
+    @cython.locals(now=double, starts=tuple, prefix=bytes, keys=tuple, denied=Py_ssize_t)
     cdef object local(self, Exchange exchange)
     @cython.locals(now=double, starts=tuple, keys=tuple, usages=list, denied=Py_ssize_t, i=Py_ssize_t)
     cdef object synced_check(self, Exchange exchange)
@@ -237,16 +238,12 @@ cdef class RateLimitingHandler(RateLimitBase):
 
 
 cdef class RateLimitingAdvancedHandler(RateLimitBase):
-    cdef public tuple limits
     cdef public tuple sizes
-    cdef public tuple windows
     cdef public bint sliding
     cdef public bint penalty
     cdef public int jitter
     cdef public tuple suffixes
     cdef public bytes prefix
-    cdef public tuple window_lines
-    cdef public tuple summary_lines
 
     @cython.locals(starts=list, weights=list, window=cython.longlong, now_ms=cython.longlong, start=cython.longlong,
                    i=Py_ssize_t)

@@ -29,6 +29,9 @@ cdef class Slot:
     cpdef PluginRun choose(self, object consumer)
 
 
+cdef bytes chunk_frame(bytes body)
+
+
 cdef class Stats:
     cdef public unsigned long long connections_accepted
     cdef public unsigned long long total_requests

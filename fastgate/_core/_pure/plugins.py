@@ -219,6 +219,8 @@ class RequestBody:
         self.value_at = 2 if body_format == BODY_MULTIPART else 1
         self.fields = None
         self.document = None
+        # The JSON object's members to look up and edit (None when the JSON is not an object).
+        self.members = None
         if body_format == BODY_FORM:
             self.fields = [list(pair) for pair in decode_args(raw)]
         elif body_format == BODY_JSON:
@@ -226,6 +228,8 @@ class RequestBody:
                 self.document = msgspec.json.decode(raw) if raw.strip() else {}
             except msgspec.DecodeError as exc:
                 raise ValueError(f"malformed JSON body: {exc}") from None
+            if type(self.document) is dict:
+                self.members = self.document
         else:
             self.fields = multipart_fields(raw, boundary)
 
@@ -233,8 +237,7 @@ class RequestBody:
         """A key-auth key in field `name`: (0, None) when there is none (a flag, a JSON number),
         (1, value), or (2, None) for several values (a duplicate key)."""
         if self.format == BODY_JSON:
-            document = self.document
-            value = document.get(name.decode("utf-8", "replace")) if type(document) is dict else None
+            value = self.members.get(_text(name)) if self.members is not None else None
             if type(value) is str:
                 return 1, value.encode()
             if type(value) is list or type(value) is dict:
@@ -248,17 +251,18 @@ class RequestBody:
             return 0, None
         return 1, values[0]
 
-    def _object(self):
-        """The JSON object to edit, or None when the JSON body is not an object."""
-        document = self.document
-        return document if type(document) is dict else None
+    def _set_member(self, name, value, present):
+        """JSON: set member `name` when it is already there (`present`) or when it is not."""
+        key = _text(name)
+        if self.members is not None and (key in self.members) == present:
+            self.members[key] = _text(value)
+            self.changed = True
 
     def remove(self, names):
         if self.format == BODY_JSON:
-            document = self._object()
-            if document is not None:
+            if self.members is not None:
                 for name in names:
-                    if document.pop(name.decode("utf-8", "replace"), _ABSENT) is not _ABSENT:
+                    if self.members.pop(_text(name), _ABSENT) is not _ABSENT:
                         self.changed = True
             return
         kept = [field for field in self.fields if field[0] not in names]
@@ -268,10 +272,9 @@ class RequestBody:
 
     def rename(self, old, new):
         if self.format == BODY_JSON:
-            document = self._object()
-            old_name = old.decode("utf-8", "replace")
-            if document is not None and old_name in document:
-                document[new.decode("utf-8", "replace")] = document.pop(old_name)
+            old_name = _text(old)
+            if self.members is not None and old_name in self.members:
+                self.members[_text(new)] = self.members.pop(old_name)
                 self.changed = True
             return
         if not any(field[0] == old for field in self.fields):
@@ -290,11 +293,7 @@ class RequestBody:
 
     def replace(self, name, value):
         if self.format == BODY_JSON:
-            document = self._object()
-            key = name.decode("utf-8", "replace")
-            if document is not None and key in document:
-                document[key] = value.decode("utf-8", "replace")
-                self.changed = True
+            self._set_member(name, value, True)
             return
         for field in self.fields:
             if field[0] == name:
@@ -303,29 +302,23 @@ class RequestBody:
 
     def add(self, name, value):
         if self.format == BODY_JSON:
-            document = self._object()
-            key = name.decode("utf-8", "replace")
-            if document is not None and key not in document:
-                document[key] = value.decode("utf-8", "replace")
-                self.changed = True
+            self._set_member(name, value, False)
         elif not any(field[0] == name for field in self.fields):
             self.append(name, value)
 
     def append(self, name, value):
         """Another value for `name`: a JSON member becomes an array (Kong's append_value)."""
         if self.format == BODY_JSON:
-            document = self._object()
-            if document is None:
+            if self.members is None:
                 return
-            key = name.decode("utf-8", "replace")
-            text = value.decode("utf-8", "replace")
-            current = document.get(key, _ABSENT)
+            key = _text(name)
+            current = self.members.get(key, _ABSENT)
             if current is _ABSENT:
-                document[key] = [text]
+                self.members[key] = [_text(value)]
             elif type(current) is list:
-                current.append(text)
+                current.append(_text(value))
             else:
-                document[key] = [current, text]
+                self.members[key] = [current, _text(value)]
         elif self.format == BODY_MULTIPART:
             self.fields.append([name, b'Content-Disposition: form-data; name="' + name + b'"', value])
         else:
@@ -346,6 +339,11 @@ class RequestBody:
 
 
 _ABSENT = object()
+
+
+def _text(value):
+    """A field name or value as JSON text."""
+    return value.decode("utf-8", "replace")
 
 
 class Exit:
@@ -1175,14 +1173,14 @@ class RateLimitBase:
                 exchange.client.loop, self.redis_config, self.plugin_id, self.sync_rate)
         return synced
 
-    def redis_check(self, exchange, request, answered):
+    def redis_check(self, exchange, request, now, starts):
         """Send a check to Redis: the future the request waits on (no Task), or None when Redis
         is down, in which case the caller decides without it."""
         redis = self.redis
         if redis is None:
             redis = self.redis = redis_counters.connection(exchange.client.loop, self.redis_config)
         future = exchange.client.loop.create_future()
-        if redis.call(request, functools.partial(answered, exchange, future)):
+        if redis.call(request, functools.partial(self.redis_answered, now, starts, exchange, future)):
             return future
         return None
 
@@ -1220,6 +1218,20 @@ class RateLimitBase:
     def headers(self, now, starts, values, denied):
         """The response headers of a decision (each plugin's own)."""
         raise NotImplementedError
+
+    def summary(self, parts, lowest, remaining, reset, retry_after):
+        """`RateLimit-Limit/-Remaining/-Reset` of the window that leads, and `Retry-After` when
+        the request was denied (`retry_after` >= 0)."""
+        parts.extend(self.summary_lines[lowest])
+        parts.append(self.counters.decimal(remaining))
+        parts.append(b"\r\n")
+        parts.extend(RESET_LINE)
+        parts.append(self.counters.decimal(reset))
+        parts.append(b"\r\n")
+        if retry_after >= 0:
+            parts.extend(RETRY_AFTER_LINE)
+            parts.append(self.counters.decimal(retry_after))
+            parts.append(b"\r\n")
 
     def identifier(self, exchange):
         limit_by = self.limit_by
@@ -1322,17 +1334,21 @@ class RateLimitingHandler(RateLimitBase):
         now = time.time()
         starts = self.window_starts(now)
         request = self.redis_prefix + redis_counters.bulk(self.keys(exchange, starts)) + self.redis_suffix
-        future = self.redis_check(exchange, request, functools.partial(self.redis_answered, now, starts))
+        future = self.redis_check(exchange, request, now, starts)
         return future if future is not None else self.redis_failed(exchange)
 
     def keys(self, exchange, starts):
+        """The counters in Redis (Kong's names, the window start in each)."""
         prefix = self.scope + b":" + self.identifier(exchange) + b":"
         return tuple([prefix + b"%d:" % starts[i] + self.names[i] for i in range(len(self.names))])
 
     def local(self, exchange):
         now = time.time()
         starts = self.window_starts(now)
-        denied, usages = self.counters.take_fixed(self.keys(exchange, starts), starts, self.windows, self.limits)
+        # A slot of the node's counters keeps its window start itself: no start in the key.
+        prefix = self.scope + b":" + self.identifier(exchange) + b":"
+        keys = tuple([prefix + name for name in self.names])
+        denied, usages = self.counters.take_fixed(keys, starts, self.windows, self.limits)
         return self.decided(exchange, now, starts, denied, usages)
 
     def synced_check(self, exchange):
@@ -1352,7 +1368,6 @@ class RateLimitingHandler(RateLimitBase):
                 synced.add(keys[i], self.seconds[i], starts[i] / 1000 + self.seconds[i])
         return self.decided(exchange, now, starts, denied, usages)
 
-
     def headers(self, now, starts, values, denied):
         parts = []
         lowest = -1
@@ -1371,16 +1386,7 @@ class RateLimitingHandler(RateLimitBase):
                 lowest_remaining = remaining
         reset = max(1, self.seconds[lowest] - int((now * 1000 - starts[lowest]) // 1000))
         shown = lowest_remaining - 1 if denied < 0 or denied == lowest else lowest_remaining
-        parts.extend(self.summary_lines[lowest])
-        parts.append(self.counters.decimal(int(shown) if shown > 0 else 0))
-        parts.append(b"\r\n")
-        parts.extend(RESET_LINE)
-        parts.append(self.counters.decimal(reset))
-        parts.append(b"\r\n")
-        if denied >= 0:
-            parts.extend(RETRY_AFTER_LINE)
-            parts.append(self.counters.decimal(reset))
-            parts.append(b"\r\n")
+        self.summary(parts, lowest, int(shown) if shown > 0 else 0, reset, reset if denied >= 0 else -1)
         return parts
 
 
@@ -1478,9 +1484,8 @@ class RateLimitingAdvancedHandler(RateLimitBase):
         keys = self.redis_keys(exchange, starts)
         request = (self.redis_prefix + redis_counters.bulk(keys) + self.redis_suffix
                    + redis_counters.bulk([repr(weight).encode() for weight in weights]))
-        future = self.redis_check(exchange, request, functools.partial(self.redis_answered, now, starts))
+        future = self.redis_check(exchange, request, now, starts)
         return future if future is not None else self.redis_failed(exchange)
-
 
     def local(self, exchange):
         now = time.time()
@@ -1521,16 +1526,8 @@ class RateLimitingAdvancedHandler(RateLimitBase):
         if self.sliding and lowest_rate > self.limits[lowest]:
             # Until the weighted previous window has slid far enough for one more request.
             reset = int(math.ceil(reset + (lowest_rate - self.limits[lowest]) / self.limits[lowest] * size))
-        parts.extend(self.summary_lines[lowest])
-        parts.append(self.counters.decimal(int(lowest_remaining)))
-        parts.append(b"\r\n")
-        parts.extend(RESET_LINE)
-        parts.append(self.counters.decimal(reset))
-        parts.append(b"\r\n")
-        if denied >= 0:
-            parts.extend(RETRY_AFTER_LINE)
-            parts.append(self.counters.decimal(reset + (random.randint(0, self.jitter) if self.jitter else 0)))
-            parts.append(b"\r\n")
+        retry_after = reset + (random.randint(0, self.jitter) if self.jitter else 0) if denied >= 0 else -1
+        self.summary(parts, lowest, int(lowest_remaining), reset, retry_after)
         return parts
 
 

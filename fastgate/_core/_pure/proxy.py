@@ -116,9 +116,10 @@ class PluginRun:
 class Slot:
     """The instances of one plugin name that can apply to one route, with Kong's precedence
     (behavior.md 3.1) resolved when the snapshot is compiled; only the consumer-dependent part
-    is chosen per request, after authentication: `static` is the best instance that does not depend on the consumer (route +
-    service, route, service, global); `by_consumer` / `by_group` map a consumer or consumer
-    group id to (level, instance), level being the rank in behavior.md 3.1 (1 is best)."""
+    is chosen per request, after authentication. `static` is the best instance that does not
+    depend on the consumer (route + service, route, service, global); `by_consumer` /
+    `by_group` map a consumer or consumer group id to (level, instance), level being the rank
+    in behavior.md 3.1 (1 is best)."""
 
     def __init__(self, static, static_level, by_consumer, by_group):
         self.static = static
@@ -760,7 +761,6 @@ class ClientConnection:
         exchange.header_parts = without_length(exchange.header_parts)
         exchange.chunked = False
         exchange.held_body = [body] if body else []
-        exchange.held_body_size = len(body)
         length_line = b"Content-Length: %d\r\n" % len(body)
         if exchange.upstream_extra is None:
             exchange.upstream_extra = [length_line]
@@ -971,6 +971,11 @@ class ClientConnection:
 
     def expire(self):
         self.close()
+
+
+def chunk_frame(body):
+    """One chunk of a chunked request body (RFC 9112 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(body), body)
 
 
 def without_length(parts):
@@ -1219,7 +1224,7 @@ class UpstreamConnection:
         if exchange.chunked:
             framed = [exchange.upstream_head]
             for chunk in held:
-                framed.append(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                framed.append(chunk_frame(chunk))
             if exchange.body_complete:
                 framed.append(b"0\r\n\r\n")
             self.transport.write(b"".join(framed))
@@ -1249,7 +1254,7 @@ class UpstreamConnection:
 
     def send_body(self, body, chunked):
         if chunked:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.transport.write(chunk_frame(body))
         else:
             self.transport.write(body)
 
